@@ -1,1 +1,3 @@
-//! placeholder, replaced by the module's owner.
+//! Sandboxes: registry, lifecycle, exec queue, replay, and the seam to guests.
+
+pub mod vm_seam;

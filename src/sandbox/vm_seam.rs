@@ -1,0 +1,71 @@
+//! The seam between the sandbox manager and a running guest.
+//!
+//! The manager (registry, lifecycle, exec queue, replay) talks to a guest only
+//! through these two traits. The one real implementation lives in `crate::vmm`
+//! (`VmTemplates` / `RunningVm`); unit tests of the manager and the HTTP layer
+//! plug in a small in-process fake so they run without `/dev/kvm`.
+
+use std::sync::mpsc::Receiver;
+
+pub use podflare_proto::Language;
+
+/// Output of one exec, in the order the guest produced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecChunk {
+    /// Raw stdout bytes (not split into lines; the manager does that).
+    Stdout(Vec<u8>),
+    /// Raw stderr bytes.
+    Stderr(Vec<u8>),
+    /// The command finished with this status. Always the last chunk.
+    Exit(i32),
+    /// The guest failed mid-stream (crashed, channel broke, timed out).
+    /// Always the last chunk; the manager reports it as a stderr line plus a
+    /// non-zero exit.
+    Failed(String),
+}
+
+/// Why a guest operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// Unknown template name.
+    #[error("unknown template {0:?}")]
+    UnknownTemplate(String),
+    /// Host cannot take another sandbox now (memory or count).
+    #[error("host at capacity: {0}")]
+    Capacity(String),
+    /// The VM died or its channel broke.
+    #[error("sandbox failed: {0}")]
+    Failed(String),
+    /// Our own fault (I/O, KVM).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What a create asks for, after the API layer has validated and clamped it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestSpec {
+    /// Template name (`default`, `python-datasci`).
+    pub template: String,
+    /// Network egress allowed.
+    pub egress: bool,
+}
+
+/// Creates guests. One per hostd process; shared by all worker threads.
+pub trait GuestFactory: Send + Sync {
+    /// Template names this host can serve.
+    fn templates(&self) -> Vec<String>;
+    /// Starts a guest from the template's snapshot (or the warm pool).
+    fn create(&self, spec: &GuestSpec) -> Result<Box<dyn Guest>, GuestError>;
+    /// Pool and host counters for `GET /v1/capacity` (a JSON object).
+    fn capacity(&self) -> serde_json::Value;
+}
+
+/// One running guest. Dropping it destroys the VM and frees everything.
+pub trait Guest: Send + Sync {
+    /// Starts one exec. Chunks arrive on the receiver as the guest produces
+    /// them; the last one is `Exit` or `Failed`. The caller runs execs of one
+    /// sandbox one at a time.
+    fn exec(&self, language: Language, code: &str) -> Result<Receiver<ExecChunk>, GuestError>;
+    /// Host memory this guest holds privately (bytes), for capacity reports.
+    fn private_memory_bytes(&self) -> u64;
+}

@@ -1,0 +1,82 @@
+//! VMM settings, read from `PODFLARE_*` environment variables.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the VMM needs to know from the operator.
+#[derive(Debug, Clone)]
+pub struct VmmConfig {
+    /// `PODFLARE_CACHE` (default `/var/lib/podflare`): built kernel, images, snapshots.
+    pub cache_dir: PathBuf,
+    /// `PODFLARE_KERNEL`: guest kernel (default `<cache>/kernel/current/vmlinux`).
+    pub kernel: PathBuf,
+    /// `PODFLARE_TEMPLATES` (default `default,python-datasci`): templates to serve.
+    pub templates: Vec<String>,
+    /// `PODFLARE_GUEST_RAM_MIB` (default 512): RAM of every template VM.
+    pub guest_ram_mib: u64,
+    /// `PODFLARE_GUEST_VCPUS` (default 1).
+    pub guest_vcpus: u8,
+    /// `PODFLARE_BOOT_TIMEOUT_SECS` (default 900): boot to agent ready when building a template.
+    pub boot_timeout: Duration,
+    /// `PODFLARE_GUEST_TIMEOUT_SECS` (default 60): wait for the guest to answer after a restore.
+    pub guest_timeout: Duration,
+    /// `PODFLARE_POOL_SIZE` (default 0): restored sandboxes kept ready per template.
+    pub pool_size: usize,
+    /// `PODFLARE_MAX_SANDBOXES` (default 1000).
+    pub max_sandboxes: usize,
+    /// `PODFLARE_MAX_GUEST_MEMORY_MIB` (default 80% of host RAM): admission limit
+    /// on the sum of guest private memory.
+    pub max_guest_memory_mib: u64,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|_| format!("{name}={v:?} is not a valid value")),
+        _ => Ok(default),
+    }
+}
+
+fn host_mem_mib() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb / 1024)
+        .unwrap_or(4096)
+}
+
+impl VmmConfig {
+    /// Reads the environment. An unparsable value is an error naming the variable.
+    pub fn from_env() -> Result<Self, String> {
+        let cache_dir = PathBuf::from(env_or("PODFLARE_CACHE", "/var/lib/podflare".to_string())?);
+        let kernel = match std::env::var("PODFLARE_KERNEL") {
+            Ok(p) if !p.is_empty() => PathBuf::from(p),
+            _ => cache_dir.join("kernel/current/vmlinux"),
+        };
+        let templates = env_or("PODFLARE_TEMPLATES", "default,python-datasci".to_string())?
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        Ok(VmmConfig {
+            cache_dir,
+            kernel,
+            templates,
+            guest_ram_mib: env_or("PODFLARE_GUEST_RAM_MIB", 512)?,
+            guest_vcpus: env_or("PODFLARE_GUEST_VCPUS", 1)?,
+            boot_timeout: Duration::from_secs(env_or("PODFLARE_BOOT_TIMEOUT_SECS", 900)?),
+            guest_timeout: Duration::from_secs(env_or("PODFLARE_GUEST_TIMEOUT_SECS", 60)?),
+            pool_size: env_or("PODFLARE_POOL_SIZE", 0)?,
+            max_sandboxes: env_or("PODFLARE_MAX_SANDBOXES", 1000)?,
+            max_guest_memory_mib: env_or("PODFLARE_MAX_GUEST_MEMORY_MIB", host_mem_mib() * 4 / 5)?,
+        })
+    }
+
+    /// Root filesystem image of a template.
+    pub fn rootfs(&self, template: &str) -> PathBuf {
+        self.cache_dir.join("rootfs").join(template).join("current/rootfs.ext4")
+    }
+}
