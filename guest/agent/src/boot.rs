@@ -1,0 +1,78 @@
+//! Early boot: pseudo file systems and the copy-on-write root.
+//!
+//! The kernel mounts the shared base image (ext4 on /dev/vda) read-only as
+//! `/`. Each sandbox writes into an overlay whose upper layer is a tmpfs, so
+//! the whole sandbox state lives in guest RAM and a memory snapshot holds all
+//! of it (fork and restore need no disk copy).
+
+use crate::sys::{self, mkdir, mount};
+use std::io;
+
+/// Directory in the image where the tmpfs holding the overlay's upper layer is
+/// mounted; after the switch it is where the old root is parked and dropped.
+const STATE: &str = "/mnt/overlay-root";
+
+const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+
+/// Builds the overlay root and switches into it.
+pub fn overlay_root() -> io::Result<()> {
+    mount("tmpfs", STATE, "tmpfs", 0, "mode=0755")?;
+    for d in ["upper", "work", "root"] {
+        mkdir(&format!("{STATE}/{d}"), 0o755)?;
+    }
+    let new_root = format!("{STATE}/root");
+    mount("overlay", &new_root, "overlay", 0, &format!("lowerdir=/,upperdir={STATE}/upper,workdir={STATE}/work"))?;
+    sys::chdir(&new_root)?;
+    // Park the old root on the image's (empty) STATE directory seen through
+    // the overlay, then drop it: the overlay keeps its layers alive.
+    match sys::pivot_root(".", &format!(".{STATE}")) {
+        Ok(()) => {
+            sys::chdir("/")?;
+            sys::umount_detach(STATE)?;
+        }
+        Err(_) => {
+            // switch_root style: move the overlay over / and chroot into it.
+            sys::move_mount(".", "/")?;
+            chroot_here()?;
+        }
+    }
+    Ok(())
+}
+
+fn chroot_here() -> io::Result<()> {
+    // SAFETY: "." is a NUL-terminated static string.
+    if unsafe { libc::chroot(c".".as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    sys::chdir("/")
+}
+
+/// Mounts /proc, /sys, /dev (+pts, shm) and /tmp. Already-mounted ones are
+/// fine (the kernel mounts devtmpfs itself with DEVTMPFS_MOUNT).
+pub fn pseudo_filesystems() {
+    let tolerate = |r: io::Result<()>| match r {
+        Err(e) if e.raw_os_error() != Some(libc::EBUSY) => Err(e),
+        _ => Ok(()),
+    };
+    let results = [
+        ("/proc", tolerate(mount("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC, ""))),
+        ("/sys", tolerate(mount("sysfs", "/sys", "sysfs", NOSUID_NODEV_NOEXEC, ""))),
+        ("/dev", tolerate(mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"))),
+    ];
+    for (what, r) in results {
+        if let Err(e) = r {
+            crate::console::line(&format!("podflare-agent: mount {what}: {e}"));
+        }
+    }
+    // devtmpfs has no pts/shm directories and none of the /dev/fd links.
+    let _ = mkdir("/dev/pts", 0o755);
+    let _ = mkdir("/dev/shm", 0o1777);
+    let _ = mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
+    let _ = mount("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777");
+    for (link, target) in
+        [("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")]
+    {
+        let _ = std::os::unix::fs::symlink(target, link);
+    }
+    let _ = mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777");
+}

@@ -1,0 +1,206 @@
+//! Port 0: turns host frames into actions.
+
+use crate::exec::Execs;
+use crate::frames::{decode_hex, FrameReader, InFrame};
+use crate::port::Port;
+use crate::sys;
+use podflare_proto::{Hello, Kind, Language, Ready, PROTOCOL_VERSION};
+use serde::Deserialize;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Most host entropy credited per Hello (the pool is 256 bits; more is waste).
+const MAX_ENTROPY_BYTES: usize = 512;
+
+/// The agent's reading of an Exec request: the protocol's `ExecRequest`
+/// plus `stdin`, an opt-in that keeps the child's stdin open for `Stdin`
+/// frames until `CloseStdin`. Without it stdin is /dev/null, so a command
+/// that reads stdin (`cat`, `read`) ends instead of hanging an SDK exec.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+pub struct ExecArgs {
+    /// Interpreter; only bash runs here (python is the REPL's, on port 1).
+    pub language: Language,
+    /// Script.
+    pub code: String,
+    /// Keep stdin open for `Stdin` frames.
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+/// What a frame asks the agent to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Set the clock, credit entropy, answer Ready.
+    Hello { wall_clock_ns: u64, entropy: Vec<u8> },
+    /// Start a bash exec.
+    Exec { stream: u32, code: String, stdin: bool },
+    /// Feed stdin.
+    Stdin { stream: u32, data: Vec<u8> },
+    /// Close stdin.
+    CloseStdin { stream: u32 },
+    /// Kill the stream's process group.
+    Cancel { stream: u32 },
+    /// Send a frame back (Pong, Error).
+    Reply { kind: Kind, stream: u32, payload: Vec<u8> },
+    /// Nothing to do (guest-to-host kinds echoed back, and the like).
+    Ignore,
+}
+
+/// Decides what a frame means. Pure: no I/O, never panics on host input.
+pub fn classify(f: InFrame) -> Action {
+    match f.kind {
+        Kind::Hello => {
+            // A malformed Hello still gets a Ready: the host learns we are alive.
+            let hello: Hello = serde_json::from_slice(&f.payload).unwrap_or_default();
+            let mut entropy = decode_hex(&hello.entropy_hex).unwrap_or_default();
+            entropy.truncate(MAX_ENTROPY_BYTES);
+            Action::Hello { wall_clock_ns: hello.wall_clock_ns, entropy }
+        }
+        Kind::Exec => match serde_json::from_slice::<ExecArgs>(&f.payload) {
+            Ok(ExecArgs { language: Language::Bash, code, stdin }) => Action::Exec { stream: f.stream, code, stdin },
+            Ok(ExecArgs { language: Language::Python, .. }) => Action::Reply {
+                kind: Kind::Error,
+                stream: f.stream,
+                payload: b"python execs are served by the REPL on port 1".to_vec(),
+            },
+            Err(e) => Action::Reply {
+                kind: Kind::Error,
+                stream: f.stream,
+                payload: format!("malformed exec request: {e}").into_bytes(),
+            },
+        },
+        Kind::Stdin => Action::Stdin { stream: f.stream, data: f.payload },
+        Kind::CloseStdin => Action::CloseStdin { stream: f.stream },
+        Kind::Cancel => Action::Cancel { stream: f.stream },
+        Kind::Ping => Action::Reply { kind: Kind::Pong, stream: f.stream, payload: f.payload },
+        Kind::Ready | Kind::Stdout | Kind::Stderr | Kind::Exit | Kind::Error | Kind::Pong => Action::Ignore,
+    }
+}
+
+/// The agent's Ready payload.
+pub fn ready_payload() -> Vec<u8> {
+    serde_json::to_vec(&Ready { protocol: PROTOCOL_VERSION, role: "agent".into(), version: env!("CARGO_PKG_VERSION").into() })
+        .unwrap_or_default()
+}
+
+/// Port 0 service state.
+pub struct Server {
+    /// The port.
+    pub port: Arc<Port>,
+    /// Exec service.
+    pub execs: Arc<Execs>,
+    /// `/dev/urandom`, kept open so each Hello costs one ioctl.
+    pub urandom: Option<OwnedFd>,
+}
+
+impl Server {
+    /// Reads and serves frames forever.
+    pub fn serve(&self) -> ! {
+        let mut reader = FrameReader::new();
+        // The driver hands out at most one 4 KiB buffer per read.
+        let mut buf = vec![0u8; 64 << 10];
+        let mut nap = Duration::from_millis(1);
+        loop {
+            match self.port.read(&mut buf) {
+                Ok(n) if n > 0 => {
+                    nap = Duration::from_millis(1);
+                    reader.push(&buf[..n]);
+                    while let Some(frame) = reader.next_frame() {
+                        self.act(classify(frame));
+                    }
+                }
+                // 0: no host connected (the driver returns EOF at once, it does
+                // not block); errors: the device is going away. Either way back
+                // off instead of spinning.
+                _ => {
+                    std::thread::sleep(nap);
+                    nap = (nap * 2).min(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn act(&self, action: Action) {
+        match action {
+            Action::Hello { wall_clock_ns, entropy } => {
+                if wall_clock_ns > 0 {
+                    let _ = sys::set_realtime(wall_clock_ns);
+                }
+                if let (Some(fd), false) = (&self.urandom, entropy.is_empty()) {
+                    let _ = sys::add_entropy(fd, &entropy);
+                }
+                let _ = self.port.send(Kind::Ready, 0, &ready_payload());
+            }
+            Action::Exec { stream, code, stdin } => self.execs.start(stream, code, stdin),
+            Action::Stdin { stream, data } => self.execs.stdin(stream, &data),
+            Action::CloseStdin { stream } => self.execs.close_stdin(stream),
+            Action::Cancel { stream } => self.execs.cancel(stream),
+            Action::Reply { kind, stream, payload } => {
+                let _ = self.port.send(kind, stream, &payload);
+            }
+            Action::Ignore => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: Kind, stream: u32, payload: &[u8]) -> InFrame {
+        InFrame { kind, stream, payload: payload.to_vec() }
+    }
+
+    #[test]
+    fn hello_decodes_clock_and_entropy() {
+        let a = classify(frame(Kind::Hello, 0, br#"{"wall_clock_ns":1700000000000000000,"entropy_hex":"00ff10"}"#));
+        assert_eq!(a, Action::Hello { wall_clock_ns: 1_700_000_000_000_000_000, entropy: vec![0, 255, 16] });
+    }
+
+    #[test]
+    fn bad_hello_still_answers() {
+        assert_eq!(classify(frame(Kind::Hello, 0, b"\xff not json")), Action::Hello { wall_clock_ns: 0, entropy: vec![] });
+        let a = classify(frame(Kind::Hello, 0, br#"{"wall_clock_ns":5,"entropy_hex":"xyz"}"#));
+        assert_eq!(a, Action::Hello { wall_clock_ns: 5, entropy: vec![] });
+        let huge = format!(r#"{{"wall_clock_ns":1,"entropy_hex":"{}"}}"#, "ab".repeat(10_000));
+        match classify(frame(Kind::Hello, 0, huge.as_bytes())) {
+            Action::Hello { entropy, .. } => assert_eq!(entropy.len(), MAX_ENTROPY_BYTES),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn exec_bash_python_and_garbage() {
+        assert_eq!(
+            classify(frame(Kind::Exec, 3, br#"{"language":"bash","code":"echo hi","future_field":1}"#)),
+            Action::Exec { stream: 3, code: "echo hi".into(), stdin: false }
+        );
+        assert_eq!(
+            classify(frame(Kind::Exec, 3, br#"{"language":"bash","code":"cat","stdin":true}"#)),
+            Action::Exec { stream: 3, code: "cat".into(), stdin: true }
+        );
+        for bad in [&br#"{"language":"python","code":"1"}"#[..], b"{", br#"{"language":"cobol","code":""}"#] {
+            match classify(frame(Kind::Exec, 9, bad)) {
+                Action::Reply { kind: Kind::Error, stream: 9, .. } => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn ping_pongs_and_guest_kinds_are_ignored() {
+        assert_eq!(
+            classify(frame(Kind::Ping, 7, b"x")),
+            Action::Reply { kind: Kind::Pong, stream: 7, payload: b"x".to_vec() }
+        );
+        assert_eq!(classify(frame(Kind::Stdout, 1, b"x")), Action::Ignore);
+        assert_eq!(classify(frame(Kind::Cancel, 2, b"")), Action::Cancel { stream: 2 });
+    }
+
+    #[test]
+    fn ready_is_the_agent() {
+        let r: Ready = serde_json::from_slice(&ready_payload()).unwrap();
+        assert_eq!((r.protocol, r.role.as_str()), (1, "agent"));
+    }
+}
