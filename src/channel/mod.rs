@@ -1,1 +1,329 @@
-//! placeholder, replaced by the module's owner.
+//! Host side of the guest channel: frames over the virtio-console ports,
+//! demultiplexed into per-request streams.
+//!
+//! The console device hands us guest bytes per port on the VM's device thread
+//! ([`Channel::sink`]); we decode frames and route each to the stream it names.
+//! Requests go out through the console's `ConsoleHandle`, which blocks the
+//! sender when the guest is not draining (backpressure host -> guest). Guest ->
+//! host backpressure comes from the device thread itself: it delivers output
+//! synchronously, so a guest that writes faster than we route stalls on its
+//! own full transmit queue.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use podflare_proto::{encode, encode_json, Decoder, ExecRequest, Frame, Hello, Kind, Language};
+
+use crate::devices::virtio::console::ConsoleHandle;
+use crate::sandbox::vm_seam::ExecChunk;
+
+/// Chunks buffered per stream before the device thread waits for the reader.
+const STREAM_BUFFER: usize = 256;
+/// Port count: 0 = agent, 1 = Python REPL.
+pub const PORTS: usize = 2;
+
+/// Channel failures.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ChannelError {
+    /// The guest side broke (bad frames, VM died).
+    #[error("guest channel failed: {0}")]
+    Failed(String),
+    /// The guest did not answer in time.
+    #[error("guest did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The console device is not attached yet.
+    #[error("guest channel not connected")]
+    NotConnected,
+}
+
+#[derive(Default)]
+struct Inner {
+    decoders: [Decoder; PORTS],
+    streams: HashMap<u32, SyncSender<ExecChunk>>,
+    next_stream: u32,
+    ready: [u64; PORTS],
+    pongs: u64,
+    failed: Option<String>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    console: Mutex<Option<ConsoleHandle>>,
+}
+
+/// One VM's channel. Cheap to clone.
+#[derive(Clone)]
+pub struct Channel {
+    shared: Arc<Shared>,
+}
+
+impl Default for Channel {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Channel {
+    /// A channel with no console attached yet.
+    pub fn new() -> Self {
+        Channel {
+            shared: Arc::new(Shared {
+                inner: Mutex::new(Inner { next_stream: 1, ..Default::default() }),
+                changed: Condvar::new(),
+                console: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The callback the console device calls with guest bytes.
+    pub fn sink(&self) -> Box<dyn FnMut(u32, &[u8]) + Send> {
+        let me = self.clone();
+        Box::new(move |port, bytes| me.on_guest_bytes(port, bytes))
+    }
+
+    /// Connects the console's host-side handle.
+    pub fn attach(&self, console: ConsoleHandle) {
+        *lock(&self.shared.console) = Some(console);
+    }
+
+    fn on_guest_bytes(&self, port: u32, bytes: &[u8]) {
+        let mut deliveries: Vec<(SyncSender<ExecChunk>, ExecChunk)> = Vec::new();
+        {
+            let mut inner = lock(&self.shared.inner);
+            let Some(idx) = usize::try_from(port).ok().filter(|p| *p < PORTS) else { return };
+            inner.decoders[idx].push(bytes);
+            loop {
+                let frame = match inner.decoders[idx].next_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let msg = format!("port {port} sent malformed data: {e}");
+                        inner.decoders[idx] = Decoder::new();
+                        drop(inner);
+                        self.fail(&msg);
+                        return;
+                    }
+                };
+                route(&mut inner, idx, frame, &mut deliveries);
+            }
+            self.shared.changed.notify_all();
+        }
+        // Send outside the lock: a slow reader must not block other streams'
+        // bookkeeping, only this device thread.
+        for (tx, chunk) in deliveries {
+            let _ = tx.send(chunk);
+        }
+    }
+
+    /// Marks the channel failed: every open stream ends with `Failed`.
+    pub fn fail(&self, reason: &str) {
+        let streams: Vec<SyncSender<ExecChunk>> = {
+            let mut inner = lock(&self.shared.inner);
+            if inner.failed.is_none() {
+                inner.failed = Some(reason.to_string());
+            }
+            self.shared.changed.notify_all();
+            inner.streams.drain().map(|(_, tx)| tx).collect()
+        };
+        for tx in streams {
+            let _ = tx.try_send(ExecChunk::Failed(reason.to_string()));
+        }
+        if let Some(c) = lock(&self.shared.console).as_ref() {
+            c.close();
+        }
+    }
+
+    /// Why the channel failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.shared.inner).failed.clone()
+    }
+
+    /// How many `Ready` frames `port` has sent so far.
+    pub fn ready_count(&self, port: usize) -> u64 {
+        lock(&self.shared.inner).ready.get(port).copied().unwrap_or(0)
+    }
+
+    /// Waits until `port` has sent more than `seen` `Ready` frames.
+    pub fn wait_ready(&self, port: usize, seen: u64, timeout: Duration) -> Result<(), ChannelError> {
+        let deadline = Instant::now() + timeout;
+        let mut inner = lock(&self.shared.inner);
+        loop {
+            if let Some(f) = &inner.failed {
+                return Err(ChannelError::Failed(f.clone()));
+            }
+            if inner.ready.get(port).copied().unwrap_or(0) > seen {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ChannelError::Timeout(timeout));
+            }
+            inner = self
+                .shared
+                .changed
+                .wait_timeout(inner, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn send(&self, port: u32, bytes: &[u8]) -> Result<(), ChannelError> {
+        if let Some(f) = self.failure() {
+            return Err(ChannelError::Failed(f));
+        }
+        let console = lock(&self.shared.console).clone().ok_or(ChannelError::NotConnected)?;
+        console.send(port, bytes).map_err(|e| ChannelError::Failed(e.to_string()))
+    }
+
+    /// Sends `Hello` (wall clock + fresh entropy) to both ports. Each end
+    /// handles it before any request queued after it on the same port, so a
+    /// restored guest never runs user code with the snapshot's clock or
+    /// random state.
+    pub fn send_hello(&self) -> Result<(), ChannelError> {
+        let hello = Hello {
+            wall_clock_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
+            entropy_hex: host_entropy_hex(),
+        };
+        for port in 0..PORTS as u32 {
+            let mut frame = Vec::new();
+            encode_json(&mut frame, Kind::Hello, 0, &hello);
+            self.send(port, &frame)?;
+        }
+        Ok(())
+    }
+
+    /// Starts an exec: Python on the REPL port, bash on the agent port.
+    pub fn exec(&self, language: Language, code: &str) -> Result<Receiver<ExecChunk>, ChannelError> {
+        let (tx, rx) = sync_channel(STREAM_BUFFER);
+        let stream = {
+            let mut inner = lock(&self.shared.inner);
+            if let Some(f) = &inner.failed {
+                return Err(ChannelError::Failed(f.clone()));
+            }
+            let id = inner.next_stream;
+            inner.next_stream = inner.next_stream.wrapping_add(1).max(1);
+            inner.streams.insert(id, tx);
+            id
+        };
+        let port = match language {
+            Language::Python => podflare_proto::REPL_PORT,
+            Language::Bash => podflare_proto::AGENT_PORT,
+        };
+        let mut frame = Vec::new();
+        encode_json(&mut frame, Kind::Exec, stream, &ExecRequest { language, code: code.to_string() });
+        if let Err(e) = self.send(port, &frame) {
+            lock(&self.shared.inner).streams.remove(&stream);
+            return Err(e);
+        }
+        Ok(rx)
+    }
+
+    /// Round trip of a tiny message through the agent (benchmarks, health).
+    pub fn ping(&self, payload: &[u8], timeout: Duration) -> Result<(), ChannelError> {
+        let seen = lock(&self.shared.inner).pongs;
+        let mut frame = Vec::new();
+        encode(&mut frame, Kind::Ping, 0, payload);
+        self.send(podflare_proto::AGENT_PORT, &frame)?;
+        let deadline = Instant::now() + timeout;
+        let mut inner = lock(&self.shared.inner);
+        while inner.pongs == seen {
+            if let Some(f) = &inner.failed {
+                return Err(ChannelError::Failed(f.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ChannelError::Timeout(timeout));
+            }
+            inner = self.shared.changed.wait_timeout(inner, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        Ok(())
+    }
+}
+
+fn route(inner: &mut Inner, port: usize, frame: Frame, out: &mut Vec<(SyncSender<ExecChunk>, ExecChunk)>) {
+    match frame.kind {
+        Kind::Ready => inner.ready[port] += 1,
+        Kind::Pong => inner.pongs += 1,
+        Kind::Stdout | Kind::Stderr => {
+            if let Some(tx) = inner.streams.get(&frame.stream) {
+                let chunk = if frame.kind == Kind::Stdout {
+                    ExecChunk::Stdout(frame.payload)
+                } else {
+                    ExecChunk::Stderr(frame.payload)
+                };
+                out.push((tx.clone(), chunk));
+            }
+        }
+        Kind::Exit => {
+            if let Some(tx) = inner.streams.remove(&frame.stream) {
+                out.push((tx, ExecChunk::Exit(podflare_proto::exit_code(&frame.payload))));
+            }
+        }
+        Kind::Error => {
+            if let Some(tx) = inner.streams.remove(&frame.stream) {
+                let msg = String::from_utf8_lossy(&frame.payload).into_owned();
+                out.push((tx, ExecChunk::Failed(format!("guest refused the request: {msg}"))));
+            }
+        }
+        // Host-to-guest kinds coming back are a confused guest; ignore them.
+        _ => {}
+    }
+}
+
+/// 32 bytes from the host's CSPRNG, hex encoded.
+fn host_entropy_hex() -> String {
+    use std::io::Read;
+    let mut buf = [0u8; 32];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut buf);
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_route_to_their_stream_and_end_it() {
+        let ch = Channel::new();
+        let (tx, rx) = sync_channel(16);
+        lock(&ch.shared.inner).streams.insert(7, tx);
+        let mut sink = ch.sink();
+        let mut wire = Vec::new();
+        encode(&mut wire, Kind::Stdout, 7, b"hi\n");
+        encode(&mut wire, Kind::Stdout, 99, b"nobody listens");
+        encode(&mut wire, Kind::Exit, 7, &2i32.to_le_bytes());
+        encode_json(&mut wire, Kind::Ready, 0, &podflare_proto::Ready::default());
+        let (a, b) = wire.split_at(5);
+        sink(1, a);
+        sink(1, b);
+        assert_eq!(rx.recv().unwrap(), ExecChunk::Stdout(b"hi\n".to_vec()));
+        assert_eq!(rx.recv().unwrap(), ExecChunk::Exit(2));
+        assert_eq!(ch.ready_count(1), 1);
+        assert!(lock(&ch.shared.inner).streams.is_empty());
+    }
+
+    #[test]
+    fn garbage_fails_every_open_stream() {
+        let ch = Channel::new();
+        let (tx, rx) = sync_channel(16);
+        lock(&ch.shared.inner).streams.insert(3, tx);
+        let mut sink = ch.sink();
+        sink(0, &[0u8; 40]);
+        assert!(matches!(rx.recv().unwrap(), ExecChunk::Failed(_)));
+        assert!(ch.failure().is_some());
+        assert!(ch.wait_ready(0, 0, Duration::from_millis(10)).is_err());
+        sink(5, b"out-of-range port is ignored");
+    }
+}
