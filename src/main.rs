@@ -1,4 +1,94 @@
-fn main() {
-    eprintln!("podflare-hostd: not wired yet");
-    std::process::exit(1);
+//! podflare-hostd: settings -> start-up safety check -> bind -> VMM -> serve.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use podflare_hostd::api::{self, Gate, Logger};
+use podflare_hostd::config::{AuthMode, Config};
+use podflare_hostd::sandbox::Controller;
+use podflare_hostd::vmm::{self, VmmConfig};
+use serde_json::json;
+
+/// Exit status when the configuration is refused (including the loopback
+/// rule); other failures exit with 1.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cfg = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("podflare-hostd: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let log = Logger::new(cfg.log_format);
+    // The safety rule comes before the socket and before any VM work.
+    let auth = match cfg.auth_mode() {
+        Ok(a) => a,
+        Err(e) => {
+            log.error(&e.to_string(), &[]);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if auth == AuthMode::Disabled {
+        log.warn(
+            "AUTH IS DISABLED (PODFLARE_AUTH_DISABLED=1): anyone who can reach this port can run code",
+            &[("addr", json!(cfg.addr))],
+        );
+    }
+    let vmm_cfg = match VmmConfig::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            log.error(&format!("VMM settings: {e}"), &[]);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // Bound before the VMM starts so a taken port fails fast, not after
+    // templates are built; connections wait in the backlog meanwhile.
+    let listener = match cfg.bind() {
+        Ok(l) => l,
+        Err(e) => {
+            log.error(&error_chain(&e), &[]);
+            return ExitCode::FAILURE;
+        }
+    };
+    let factory = match vmm::start_factory(vmm_cfg) {
+        Ok(f) => f,
+        Err(e) => {
+            log.error(&format!("cannot start the VMM: {}", error_chain(&e)), &[]);
+            return ExitCode::FAILURE;
+        }
+    };
+    let controller = Arc::new(Controller::new(factory, &cfg, log.clone()));
+    let server = match api::serve(listener, &cfg, Gate::new(&auth), controller, log.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            log.error(&error_chain(&e), &[]);
+            return ExitCode::FAILURE;
+        }
+    };
+    let mode = match auth {
+        AuthMode::Keys(k) => format!("{} api key(s)", k.len()),
+        AuthMode::LoopbackDev => "off (loopback dev mode)".into(),
+        AuthMode::Disabled => "DISABLED".into(),
+    };
+    log.info("serving", &[("addr", json!(server.addr().to_string())), ("auth", json!(mode))]);
+    match server.join() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log.error(&e.to_string(), &[]);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error with its sources, `outer: inner: ...`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    s
 }

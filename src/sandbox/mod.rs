@@ -1,3 +1,68 @@
 //! Sandboxes: registry, lifecycle, exec queue, replay, and the seam to guests.
+//!
+//! The HTTP layer parses requests into [`Action`]s; the [`Controller`]
+//! executes them against the [`Manager`] and answers with a [`Reply`].
+//! Nothing here knows about HTTP.
 
+pub mod action;
+pub mod controller;
+pub mod exec;
+pub mod manager;
+pub mod queue;
+pub mod replay;
 pub mod vm_seam;
+
+pub use action::{Action, CreateParams, Reply};
+pub use controller::Controller;
+pub use exec::{ExecStream, StreamItem};
+pub use manager::Manager;
+
+use vm_seam::GuestError;
+
+/// Why a sandbox operation failed. The API maps each kind to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// No live sandbox has this id.
+    #[error("unknown sandbox {0:?}")]
+    UnknownSandbox(String),
+    /// No space has this id.
+    #[error("unknown space {0:?}")]
+    UnknownSpace(String),
+    /// The template is not served by this host.
+    #[error("template {template:?} is not available; this host serves: {}", served.join(", "))]
+    UnknownTemplate {
+        /// Requested name.
+        template: String,
+        /// Names this host serves.
+        served: Vec<String>,
+    },
+    /// `PODFLARE_MAX_STREAMS` exec streams are already open.
+    #[error("host at capacity: {max} exec streams are already open (PODFLARE_MAX_STREAMS); retry shortly")]
+    TooManyStreams {
+        /// The limit.
+        max: usize,
+    },
+    /// The host cannot take another sandbox (memory or count).
+    #[error("host at capacity: {0}")]
+    Capacity(String),
+    /// The endpoint exists in the contract but this host does not serve it yet.
+    #[error("{0} is not implemented yet on this host")]
+    NotImplemented(&'static str),
+    /// A guest failed in a way that is our fault, not the caller's.
+    #[error("guest failure")]
+    Guest(#[source] GuestError),
+    /// Our own fault outside the guest.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl SandboxError {
+    /// Sorts a guest error into caller mistakes, capacity, and our faults.
+    pub fn from_guest(e: GuestError) -> Self {
+        match e {
+            GuestError::UnknownTemplate(t) => SandboxError::UnknownTemplate { template: t, served: Vec::new() },
+            GuestError::Capacity(why) => SandboxError::Capacity(why),
+            other => SandboxError::Guest(other),
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The router: one `match` on method and path segments, turning a request
+//! into an [`Action`] (body fields validated) or an [`ApiError`].
+//!
+//! It runs after the auth gate, and it never looks at sandbox state, so what
+//! it answers does not depend on which ids exist.
+
+use base64::Engine;
+
+use super::error::ApiError;
+use super::params::Body;
+use crate::sandbox::action::{
+    Action, CreateParams, PtyCommand, PtyReadParams, PtySpec, ResumeParams,
+};
+use crate::sandbox::vm_seam::Language;
+
+/// Most children one fork may ask for.
+pub const MAX_FORK: u64 = 32;
+/// Server-side cap on a PTY long-poll.
+pub const MAX_PTY_READ_MS: u64 = 30_000;
+
+/// True for the routes that skip the auth gate.
+pub fn is_public(method: &str, path: &str) -> bool {
+    method == "GET" && strip(path) == "/v1/healthz"
+}
+
+/// The path without query string and without one trailing slash.
+fn strip(url: &str) -> &str {
+    let path = url.split(['?', '#']).next().unwrap_or("");
+    match path.strip_suffix('/') {
+        Some(p) if !p.is_empty() => p,
+        _ => path,
+    }
+}
+
+/// Parses one request.
+pub fn parse(method: &str, url: &str, body: &[u8]) -> Result<Action, ApiError> {
+    let path = strip(url);
+    let segs: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    let s = |x: &str| x.to_string();
+    let wrong = |path: &'static str, allow: &'static str| {
+        Err(ApiError::MethodNotAllowed { method: method.to_string(), path, allow })
+    };
+    match (method, segs.as_slice()) {
+        ("GET", ["v1", "healthz"]) => Ok(Action::Healthz),
+        ("GET", ["v1", "capacity"]) => Ok(Action::Capacity),
+        ("POST", ["v1", "sandboxes"]) => create(&Body::parse(body)?).map(Action::Create),
+        ("DELETE", ["v1", "sandboxes", id]) => Ok(Action::Delete { id: s(id) }),
+        ("POST", ["v1", "sandboxes", id, "exec"]) => exec(id, &Body::parse(body)?),
+        ("POST", ["v1", "sandboxes", id, "fork"]) => {
+            let n = Body::parse(body)?.int_in("n", 1, MAX_FORK)?.unwrap_or(1) as u32;
+            Ok(Action::Fork { id: s(id), n })
+        }
+        ("POST", ["v1", "sandboxes", parent, "merge_into", winner]) => {
+            if parent == winner {
+                return Err(ApiError::field("winner", "cannot merge a sandbox into itself"));
+            }
+            Ok(Action::MergeInto { parent: s(parent), winner: s(winner) })
+        }
+        ("GET", ["v1", "sandboxes", id, "replay"]) => Ok(Action::Replay { id: s(id) }),
+        ("POST", ["v1", "spaces", space, "resume"]) => {
+            let b = Body::parse(body)?;
+            let params = ResumeParams {
+                timeout_seconds: b.positive("timeout_seconds")?,
+                idle_timeout_seconds: b.positive("idle_timeout_seconds")?,
+                persistent: b.boolean("persistent")?.unwrap_or(false),
+                egress: b.boolean("egress")?.unwrap_or(true),
+            };
+            Ok(Action::ResumeSpace { space: s(space), params })
+        }
+        ("DELETE", ["v1", "spaces", space]) => Ok(Action::DeleteSpace { space: s(space) }),
+        ("POST", ["v1", "sandboxes", id, "pty"]) => pty_create(id, &Body::parse(body)?),
+        ("GET", ["v1", "sandboxes", id, "pty"]) => Ok(Action::PtyList { id: s(id) }),
+        ("POST", ["v1", "sandboxes", id, "pty", pty, "input"]) => {
+            let b = Body::parse(body)?;
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(b.required_string("data_b64")?)
+                .map_err(|e| ApiError::field("data_b64", format!("is not valid base64: {e}")))?;
+            Ok(Action::PtyInput { id: s(id), pty: s(pty), data })
+        }
+        ("POST", ["v1", "sandboxes", id, "pty", pty, "resize"]) => {
+            let b = Body::parse(body)?;
+            let cols = b.int_in("cols", 1, u16::MAX.into())?.ok_or_else(|| ApiError::field("cols", "is required"))?;
+            let rows = b.int_in("rows", 1, u16::MAX.into())?.ok_or_else(|| ApiError::field("rows", "is required"))?;
+            Ok(Action::PtyResize { id: s(id), pty: s(pty), cols: cols as u16, rows: rows as u16 })
+        }
+        ("POST", ["v1", "sandboxes", id, "pty", pty, "kill"]) => Ok(Action::PtyKill { id: s(id), pty: s(pty) }),
+        ("GET", ["v1", "sandboxes", id, "pty", pty, "attach"]) => Ok(Action::PtyAttach { id: s(id), pty: s(pty) }),
+        ("POST", ["v1", "sandboxes", id, "pty", pty, "read"]) => {
+            let b = Body::parse(body)?;
+            let params = PtyReadParams {
+                since_seq: b.int_in("since_seq", 0, u64::MAX)?.unwrap_or(0),
+                max_bytes: b.int_in("max_bytes", 1, 64 << 20)?.unwrap_or(65_536),
+                timeout_ms: b.int_in("timeout_ms", 0, u64::MAX)?.unwrap_or(10_000).min(MAX_PTY_READ_MS),
+            };
+            Ok(Action::PtyRead { id: s(id), pty: s(pty), params })
+        }
+        // Known paths, wrong method.
+        (_, ["v1", "healthz"]) => wrong("/v1/healthz", "GET"),
+        (_, ["v1", "capacity"]) => wrong("/v1/capacity", "GET"),
+        (_, ["v1", "sandboxes"]) => wrong("/v1/sandboxes", "POST"),
+        (_, ["v1", "sandboxes", _]) => wrong("/v1/sandboxes/{id}", "DELETE"),
+        (_, ["v1", "sandboxes", _, "exec"]) => wrong("/v1/sandboxes/{id}/exec", "POST"),
+        (_, ["v1", "sandboxes", _, "fork"]) => wrong("/v1/sandboxes/{id}/fork", "POST"),
+        (_, ["v1", "sandboxes", _, "merge_into", _]) => wrong("/v1/sandboxes/{id}/merge_into/{winner}", "POST"),
+        (_, ["v1", "sandboxes", _, "replay"]) => wrong("/v1/sandboxes/{id}/replay", "GET"),
+        (_, ["v1", "spaces", _, "resume"]) => wrong("/v1/spaces/{space}/resume", "POST"),
+        (_, ["v1", "spaces", _]) => wrong("/v1/spaces/{space}", "DELETE"),
+        (_, ["v1", "sandboxes", _, "pty"]) => wrong("/v1/sandboxes/{id}/pty", "GET, POST"),
+        (_, ["v1", "sandboxes", _, "pty", _, "input"]) => wrong("/v1/sandboxes/{id}/pty/{pty}/input", "POST"),
+        (_, ["v1", "sandboxes", _, "pty", _, "resize"]) => wrong("/v1/sandboxes/{id}/pty/{pty}/resize", "POST"),
+        (_, ["v1", "sandboxes", _, "pty", _, "kill"]) => wrong("/v1/sandboxes/{id}/pty/{pty}/kill", "POST"),
+        (_, ["v1", "sandboxes", _, "pty", _, "attach"]) => wrong("/v1/sandboxes/{id}/pty/{pty}/attach", "GET"),
+        (_, ["v1", "sandboxes", _, "pty", _, "read"]) => wrong("/v1/sandboxes/{id}/pty/{pty}/read", "POST"),
+        _ => Err(ApiError::NotFound(format!("no such route: {method} {path}"))),
+    }
+}
+
+fn create(b: &Body) -> Result<CreateParams, ApiError> {
+    let template = b.string("template")?.map(str::to_string);
+    // The contract's template names; whether this host serves one is the
+    // controller's question.
+    if let Some(t) = &template {
+        if t != "default" && t != "python-datasci" {
+            return Err(ApiError::field("template", format!("unknown template {t:?}; use \"default\" or \"python-datasci\"")));
+        }
+    }
+    Ok(CreateParams {
+        template,
+        timeout_seconds: b.positive("timeout_seconds")?,
+        idle_timeout_seconds: b.positive("idle_timeout_seconds")?,
+        ram_mib: b.positive("ram_mib")?,
+        rootfs_gb: b.positive("rootfs_gb")?,
+        persistent: b.boolean("persistent")?.unwrap_or(false),
+        egress: b.boolean("egress")?.unwrap_or(true),
+    })
+}
+
+fn exec(id: &str, b: &Body) -> Result<Action, ApiError> {
+    let code = b.required_string("code")?.to_string();
+    let language = match b.string("language")? {
+        None | Some("python") => Language::Python,
+        Some("bash") => Language::Bash,
+        Some(other) => {
+            return Err(ApiError::field("language", format!("unknown language {other:?}; use \"python\" or \"bash\"")))
+        }
+    };
+    Ok(Action::Exec { id: id.to_string(), language, code })
+}
+
+fn pty_create(id: &str, b: &Body) -> Result<Action, ApiError> {
+    let command = match (b.string("shellCmd")?, b.strings("argv")?) {
+        (Some(_), Some(_)) => return Err(ApiError::field("argv", "give shellCmd or argv, not both")),
+        (Some(cmd), None) => PtyCommand::Shell(cmd.to_string()),
+        (None, Some(argv)) if argv.is_empty() => return Err(ApiError::field("argv", "must not be empty")),
+        (None, Some(argv)) => PtyCommand::Argv(argv),
+        (None, None) => PtyCommand::LoginShell,
+    };
+    let spec = PtySpec {
+        command,
+        cols: b.int_in("cols", 1, u16::MAX.into())?.unwrap_or(80) as u16,
+        rows: b.int_in("rows", 1, u16::MAX.into())?.unwrap_or(24) as u16,
+        cwd: b.string("cwd")?.map(str::to_string),
+        env: b.env("env")?,
+    };
+    Ok(Action::PtyCreate { id: id.to_string(), spec })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(parse("GET", "/v1/healthz?x=1", b"").unwrap(), Action::Healthz);
+        assert_eq!(parse("GET", "/v1/capacity/", b"").unwrap(), Action::Capacity);
+        assert_eq!(parse("POST", "/v1/sandboxes", b"{}").unwrap(), Action::Create(CreateParams { egress: true, ..Default::default() }));
+        assert_eq!(parse("DELETE", "/v1/sandboxes/sbx_1", b"").unwrap(), Action::Delete { id: "sbx_1".into() });
+        assert_eq!(
+            parse("POST", "/v1/sandboxes/a/exec", br#"{"code":"x","language":"bash","extra":1}"#).unwrap(),
+            Action::Exec { id: "a".into(), language: Language::Bash, code: "x".into() }
+        );
+        assert_eq!(parse("POST", "/v1/sandboxes/a/fork", b"").unwrap(), Action::Fork { id: "a".into(), n: 1 });
+        assert_eq!(parse("POST", "/v1/sandboxes/a/fork", br#"{"n":33}"#).unwrap_err().status(), 400);
+        assert_eq!(parse("POST", "/v1/sandboxes/a/merge_into/a", b"").unwrap_err().status(), 400);
+        assert_eq!(parse("PUT", "/v1/sandboxes/a/exec", b"").unwrap_err().status(), 405);
+        assert_eq!(parse("GET", "/v1/nope", b"").unwrap_err().status(), 404);
+        assert!(is_public("GET", "/v1/healthz/"));
+        assert!(!is_public("POST", "/v1/healthz"));
+        let Action::PtyRead { params, .. } = parse("POST", "/v1/sandboxes/a/pty/p/read", br#"{"timeout_ms":99999}"#).unwrap() else {
+            panic!()
+        };
+        assert_eq!(params.timeout_ms, MAX_PTY_READ_MS);
+    }
+}

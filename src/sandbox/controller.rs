@@ -1,0 +1,74 @@
+//! Executes parsed [`Action`]s. Integration tests drive this directly, without
+//! HTTP; the HTTP layer only parses requests and frames replies.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::action::{Action, Reply};
+use super::manager::Manager;
+use super::vm_seam::GuestFactory;
+use super::SandboxError;
+use crate::api::log::Logger;
+use crate::config::Config;
+
+/// The one object the transport talks to.
+pub struct Controller {
+    manager: Arc<Manager>,
+}
+
+impl Controller {
+    /// A controller over a new [`Manager`] (starts its reaper thread).
+    pub fn new(factory: Arc<dyn GuestFactory>, cfg: &Config, log: Logger) -> Controller {
+        Controller { manager: Manager::new(factory, cfg, log) }
+    }
+
+    /// The sandbox manager (registry, limits), e.g. for tests.
+    pub fn manager(&self) -> &Arc<Manager> {
+        &self.manager
+    }
+
+    /// Runs one action.
+    pub fn execute(&self, action: Action) -> Result<Reply, SandboxError> {
+        let m = &self.manager;
+        match action {
+            Action::Healthz => Ok(Reply::Text("ok")),
+            Action::Capacity => Ok(Reply::Json(m.capacity())),
+            Action::Create(params) => {
+                let sb = m.create(&params)?;
+                let mut body = json!({ "id": sb.id(), "state": "ready" });
+                if let Some((region, endpoint)) = m.config().placement() {
+                    body["region"] = json!(region);
+                    body["endpoint"] = json!(endpoint);
+                }
+                Ok(Reply::Json(body))
+            }
+            Action::Delete { id } => m.destroy(&id).map(|()| Reply::NoContent),
+            Action::Exec { id, language, code } => m.exec(&id, language, code).map(Reply::Stream),
+            Action::Replay { id } => m.replay(&id).map(Reply::Ndjson),
+            Action::Fork { id, .. } => self.not_yet(&id, "fork"),
+            Action::MergeInto { parent, winner } => {
+                m.get(&winner)?;
+                self.not_yet(&parent, "merge_into")
+            }
+            // No space can exist until freezing is implemented, so every
+            // space id is unknown: that is the truthful answer.
+            Action::ResumeSpace { space, .. } | Action::DeleteSpace { space } => {
+                Err(SandboxError::UnknownSpace(space))
+            }
+            Action::PtyCreate { id, .. }
+            | Action::PtyList { id }
+            | Action::PtyInput { id, .. }
+            | Action::PtyResize { id, .. }
+            | Action::PtyKill { id, .. }
+            | Action::PtyAttach { id, .. }
+            | Action::PtyRead { id, .. } => self.not_yet(&id, "pty"),
+        }
+    }
+
+    /// 404 for an unknown sandbox, else "not implemented yet".
+    fn not_yet(&self, id: &str, what: &'static str) -> Result<Reply, SandboxError> {
+        self.manager.get(id)?;
+        Err(SandboxError::NotImplemented(what))
+    }
+}
