@@ -1,4 +1,4 @@
-//! podflare-hostd: settings -> start-up safety check -> bind -> VMM -> serve.
+//! podflare-hostd: settings -> start-up safety check -> VMM -> bind -> serve.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -43,19 +43,25 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    // Bound before the VMM starts so a taken port fails fast, not after
-    // templates are built; connections wait in the backlog meanwhile.
-    let listener = match cfg.bind() {
-        Ok(l) => l,
-        Err(e) => {
-            log.error(&error_chain(&e), &[]);
-            return ExitCode::FAILURE;
-        }
-    };
+    // A trial bind catches a taken port or bad address now rather than after
+    // the VMM has built its templates (minutes). The real bind follows the
+    // VMM, so connection attempts are refused (not left hanging in the
+    // backlog) until the host can actually serve.
+    if let Err(e) = cfg.bind() {
+        log.error(&error_chain(&e), &[]);
+        return ExitCode::FAILURE;
+    }
     let factory = match vmm::start_factory(vmm_cfg) {
         Ok(f) => f,
         Err(e) => {
             log.error(&format!("cannot start the VMM: {}", error_chain(&e)), &[]);
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match cfg.bind() {
+        Ok(l) => l,
+        Err(e) => {
+            log.error(&error_chain(&e), &[]);
             return ExitCode::FAILURE;
         }
     };
