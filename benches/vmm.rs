@@ -1,0 +1,424 @@
+//! Benchmarks of the VMM, snapshot restore, the channel and the HTTP exec
+//! path. Run through `scripts/bench` (which builds the images, installs the
+//! reference QEMU and starts a hostd for the HTTP part). Prints one markdown
+//! table; figures are medians of several runs within this one run.
+//!
+//! Env: `PODFLARE_BENCH_HTTP` (base URL of a running hostd; HTTP rows are
+//! skipped without it), `PODFLARE_BENCH_COLD_BOOTS` (3), `PODFLARE_BENCH_IDLE_MAX`
+//! (600: cap on the idle-density run), `PODFLARE_BENCH_QEMU` (path of
+//! scripts/qemu-boot; the QEMU row is skipped without it).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use podflare_hostd::sandbox::vm_seam::{ExecChunk, Guest, GuestFactory, GuestSpec, Language};
+use podflare_hostd::vmm::templates::VmFactory;
+use podflare_hostd::vmm::vm::{Vm, VmSpec};
+use podflare_hostd::vmm::{memory, Backend, VmmConfig};
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let med = v[v.len() / 2];
+    let p95 = v[((v.len() as f64 * 0.95) as usize).min(v.len() - 1)];
+    (med, p95)
+}
+
+fn row(what: &str, value: String, target: &str, note: &str) {
+    println!("| {what} | {value} | {target} | {note} |");
+    let _ = std::io::stdout().flush();
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn wait_exit(rx: Receiver<ExecChunk>) -> Result<(i32, usize), String> {
+    let mut bytes = 0;
+    loop {
+        match rx.recv_timeout(Duration::from_secs(600)).map_err(|e| e.to_string())? {
+            ExecChunk::Stdout(b) | ExecChunk::Stderr(b) => bytes += b.len(),
+            ExecChunk::Exit(c) => return Ok((c, bytes)),
+            ExecChunk::Failed(m) => return Err(m),
+        }
+    }
+}
+
+/// Raw KVM floor: VM, one memory slot, irqchip, one vCPU; nothing else.
+fn raw_kvm_setup(kvm: &kvm_ioctls::Kvm, mem: &podflare_hostd::devices::GuestMemory) -> Duration {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let t = Instant::now();
+    let vm = kvm.create_vm().expect("create_vm");
+    vm.set_tss_address(0xfffb_d000).expect("tss");
+    let region = mem.iter().next().expect("region");
+    let slot = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: region.len(),
+        userspace_addr: region.as_ptr() as u64,
+    };
+    // SAFETY: `mem` outlives `vm` (dropped at the end of this function) and
+    // the one slot covers exactly its single mapping.
+    unsafe { vm.set_user_memory_region(slot) }.expect("slot");
+    vm.create_irq_chip().expect("irqchip");
+    let _vcpu = vm.create_vcpu(0).expect("vcpu");
+    t.elapsed()
+}
+
+fn bench_kvm_setup(kvm: &kvm_ioctls::Kvm, rootfs: &std::path::Path) {
+    const TINY: &[u8] = &[0xf4, 0xeb, 0xfd];
+    let spec = VmSpec {
+        kernel: "/nonexistent".into(),
+        rootfs: rootfs.to_path_buf(),
+        ram_bytes: 512 << 20,
+        vcpus: 1,
+        backend: Backend::detect(),
+        extra_cmdline: String::new(),
+    };
+    let mut ours = Vec::new();
+    let mut floor = Vec::new();
+    let mem = memory::anonymous(512 << 20).expect("memory");
+    for i in 0..20 {
+        floor.push(ms(raw_kvm_setup(kvm, &mem)));
+        let t = Instant::now();
+        let vm = Vm::boot_code(kvm, &format!("setup{i}"), &spec, TINY).expect("boot_code");
+        ours.push(ms(t.elapsed()));
+        drop(vm);
+    }
+    let (o, _) = stats(ours);
+    let (f, _) = stats(floor);
+    row("KVM setup: VM + 512 MiB memory + devices + vCPU thread running", format!("{o:.2} ms"), "-", &format!("raw ioctl floor (VM, slot, irqchip, vCPU) {f:.2} ms"));
+}
+
+fn bench_cold_boot(kvm: &kvm_ioctls::Kvm, cfg: &VmmConfig) {
+    let n = env_usize("PODFLARE_BENCH_COLD_BOOTS", 3);
+    let spec = VmSpec {
+        kernel: cfg.kernel.clone(),
+        rootfs: cfg.rootfs("default"),
+        ram_bytes: cfg.guest_ram_mib << 20,
+        vcpus: 1,
+        backend: Backend::detect(),
+        extra_cmdline: String::new(),
+    };
+    let mut ours = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        let vm = match Vm::boot(kvm, &format!("cold{i}"), &spec) {
+            Ok(vm) => vm,
+            Err(e) => return row("cold boot to agent ready (hostd)", format!("failed: {e}"), "", ""),
+        };
+        if let Err(e) = vm.channel().wait_ready(0, 0, cfg.boot_timeout) {
+            return row("cold boot to agent ready (hostd)", format!("failed: {e}"), "", "");
+        }
+        ours.push(ms(t.elapsed()));
+    }
+    let (o, _) = stats(ours);
+    let qemu = std::env::var("PODFLARE_BENCH_QEMU").ok().map(|script| {
+        let mut runs = Vec::new();
+        for _ in 0..n {
+            if let Some(d) = qemu_boot_to_ready(&script, cfg) {
+                runs.push(ms(d));
+            }
+        }
+        stats(runs).0
+    });
+    match qemu {
+        Some(q) if q.is_finite() => row(
+            "cold boot: VM creation to agent ready",
+            format!("{:.1} s", o / 1e3),
+            "ratio <= 1.0 vs QEMU",
+            &format!("QEMU 10 microvm same kernel+image {:.1} s; ratio {:.2}; almost all of it is emulated guest-kernel time", q / 1e3, o / q),
+        ),
+        _ => row("cold boot: VM creation to agent ready", format!("{:.1} s", o / 1e3), "ratio <= 1.0 vs QEMU", "QEMU not measured"),
+    }
+}
+
+/// Starts the reference QEMU and returns the time until the agent's
+/// readiness line appears on its console.
+fn qemu_boot_to_ready(script: &str, cfg: &VmmConfig) -> Option<Duration> {
+    let t = Instant::now();
+    let mut child = std::process::Command::new(script)
+        .arg(&cfg.kernel)
+        .arg(cfg.rootfs("default"))
+        .env("QEMU_MEM", cfg.guest_ram_mib.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let out = child.stdout.take()?;
+    let mut found = None;
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { break };
+        if line.contains("podflare-agent: ready") {
+            found = Some(t.elapsed());
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    found
+}
+
+fn bench_restore(f: &VmFactory) {
+    let spec = GuestSpec { template: "default".into(), egress: true };
+    let mut restore = Vec::new();
+    let mut first = Vec::new();
+    let mut private = Vec::new();
+    let mut ping = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let g = f.create_running(&spec).expect("create");
+        restore.push(ms(t.elapsed()));
+        let t = Instant::now();
+        let (code, _) = wait_exit(g.exec(Language::Python, "print(1)").expect("exec")).expect("exec result");
+        assert_eq!(code, 0);
+        first.push(ms(t.elapsed()));
+        for _ in 0..5 {
+            let t = Instant::now();
+            g.vm().channel().ping(b"x", Duration::from_secs(60)).expect("ping");
+            ping.push(ms(t.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        private.push(g.private_memory_bytes() as f64 / (1 << 20) as f64);
+    }
+    let (r, r95) = stats(restore);
+    row("create = snapshot restore, pool off (server side)", format!("{r:.2} ms (p95 {r95:.2})"), "<= 5 ms", "map memory file MAP_PRIVATE, restore KVM+device state, resume, queue Hello");
+    let (fm, _) = stats(first);
+    row("first command after restore: `print(1)`", format!("{fm:.1} ms"), "-", "includes the guest handling Hello (clock, entropy) first");
+    let (p, _) = stats(ping);
+    row("channel round trip, tiny message (ping through the agent)", format!("{p:.2} ms"), "-", "guest kernel: interrupt, wake, read, write (emulated on PVM)");
+    let (m, _) = stats(private);
+    row("host private memory per idle restored sandbox", format!("{m:.1} MiB"), "<= 10 MiB", "Private_Dirty of its guest-memory mapping after one exec");
+}
+
+fn bench_throughput(f: &VmFactory) {
+    let g = f.create_running(&GuestSpec { template: "default".into(), egress: true }).expect("create");
+    let code = "import sys\n_b = 'x' * (64 << 20)\n";
+    wait_exit(g.exec(Language::Python, code).expect("exec")).expect("prepare");
+    let t = Instant::now();
+    let (code, bytes) = wait_exit(g.exec(Language::Python, "sys.stdout.write(_b)").expect("exec")).expect("exec");
+    let d = t.elapsed();
+    assert_eq!(code, 0);
+    row(
+        "channel throughput guest -> host, 64 MiB of REPL stdout",
+        format!("{:.1} MiB/s", bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()),
+        "-",
+        &format!("{} MiB in {:.2} s", bytes >> 20, d.as_secs_f64()),
+    );
+}
+
+fn bench_pool(cfg: &VmmConfig) {
+    let mut c = cfg.clone();
+    c.pool_size = 4;
+    c.templates = vec!["default".into()];
+    let f = match VmFactory::open(c) {
+        Ok(f) => f,
+        Err(e) => return row("create from warm pool", format!("failed: {e}"), "", ""),
+    };
+    let spec = GuestSpec { template: "default".into(), egress: true };
+    let mut times = Vec::new();
+    for _ in 0..12 {
+        // Let the filler top the pool up between creates.
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        let g = f.create(&spec).expect("create");
+        times.push(ms(t.elapsed()));
+        drop(g);
+    }
+    let (m, _) = stats(times);
+    let cap = f.capacity();
+    row("create from warm pool (server side)", format!("{m:.3} ms"), "<= 1 ms", &format!("pool hits {} misses {}", cap["pool_hits"], cap["pool_misses"]));
+}
+
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = 100.0;
+    let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    (utime + stime) / tick
+}
+
+fn bench_density(f: &VmFactory) {
+    let max = env_usize("PODFLARE_BENCH_IDLE_MAX", 600);
+    let spec = GuestSpec { template: "default".into(), egress: true };
+    let mut live = Vec::new();
+    let started = Instant::now();
+    let mut refused = None;
+    while live.len() < max {
+        match f.create(&spec) {
+            Ok(g) => live.push(g),
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_secs(5));
+    let c0 = cpu_seconds();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    let cpu = (cpu_seconds() - c0) / t0.elapsed().as_secs_f64();
+    let private: u64 = live.iter().take(20).map(|g| g.private_memory_bytes()).sum();
+    let per = private as f64 / live.len().min(20).max(1) as f64 / (1 << 20) as f64;
+    row(
+        "idle sandboxes held at once",
+        format!("{}", live.len()),
+        ">= 500",
+        &format!(
+            "{} in {:.1} s; {}; host CPU while idle {:.2} cores; {:.1} MiB private each",
+            live.len(),
+            took.as_secs_f64(),
+            refused.map(|r| format!("admission refused: {r}")).unwrap_or_else(|| format!("stopped at the bench cap {max}")),
+            cpu,
+            per
+        ),
+    );
+}
+
+/// One `print(1)` through HTTP on a kept-alive connection.
+struct HttpClient {
+    stream: BufReader<TcpStream>,
+    host: String,
+}
+
+impl HttpClient {
+    fn connect(base: &str) -> std::io::Result<Self> {
+        let host = base.trim_start_matches("http://").trim_end_matches('/').to_string();
+        let s = TcpStream::connect(&host)?;
+        s.set_nodelay(true)?;
+        Ok(HttpClient { stream: BufReader::new(s), host })
+    }
+
+    fn request(&mut self, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.host,
+            body.len()
+        );
+        self.stream.get_mut().write_all(req.as_bytes())?;
+        let mut status_line = String::new();
+        self.stream.read_line(&mut status_line)?;
+        let status: u16 = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut chunked = false;
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            self.stream.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let lower = h.to_ascii_lowercase();
+            if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                chunked = true;
+            }
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                let mut size = String::new();
+                self.stream.read_line(&mut size)?;
+                let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                let mut chunk = vec![0u8; n + 2];
+                self.stream.read_exact(&mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        } else {
+            body.resize(len, 0);
+            self.stream.read_exact(&mut body)?;
+        }
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+fn http_exec_series(base: &str, n: usize) -> Result<Vec<f64>, String> {
+    let mut c = HttpClient::connect(base).map_err(|e| e.to_string())?;
+    let (st, body) = c.request("POST", "/v1/sandboxes", "{}").map_err(|e| e.to_string())?;
+    if st != 200 {
+        return Err(format!("create: {st} {body}"));
+    }
+    let id = body.split('"').nth(3).unwrap_or("").to_string();
+    let mut times = Vec::new();
+    for i in 0..n + 3 {
+        let t = Instant::now();
+        let (st, body) = c
+            .request("POST", &format!("/v1/sandboxes/{id}/exec"), r#"{"code":"print(1)"}"#)
+            .map_err(|e| e.to_string())?;
+        if st != 200 || !body.contains(r#""type":"exit","data":0"#) {
+            return Err(format!("exec: {st} {body}"));
+        }
+        if i >= 3 {
+            times.push(ms(t.elapsed()));
+        }
+    }
+    let _ = c.request("DELETE", &format!("/v1/sandboxes/{id}"), "");
+    Ok(times)
+}
+
+fn bench_http(base: &str) {
+    match http_exec_series(base, 100) {
+        Ok(t) => {
+            let (m, p) = stats(t);
+            row("`print(1)` exec round trip over HTTP, 1 client", format!("{m:.2} ms (p95 {p:.2})"), "<= 2 ms", "loopback, kept-alive connection, warm sandbox");
+        }
+        Err(e) => row("`print(1)` exec round trip over HTTP, 1 client", format!("failed: {e}"), "<= 2 ms", ""),
+    }
+    let handles: Vec<_> = (0..8).map(|_| {
+        let b = base.to_string();
+        std::thread::spawn(move || http_exec_series(&b, 40))
+    }).collect();
+    let mut all = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(Ok(t)) => all.extend(t),
+            Ok(Err(e)) => return row("`print(1)` over HTTP, 8 clients on 8 sandboxes", format!("failed: {e}"), "", ""),
+            Err(_) => return,
+        }
+    }
+    let (m, p) = stats(all);
+    row("`print(1)` over HTTP, 8 clients on 8 sandboxes", format!("{m:.2} ms (p95 {p:.2})"), "-", "2 host cores shared by 8 guests");
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let cfg = VmmConfig::from_env().expect("settings");
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    println!("| what | measured (median) | target | notes |");
+    println!("|---|---|---|---|");
+    println!("| backend | {} | | host: {} |", Backend::detect().name(), podflare_hostd::vmm::snapshot::host_cpu_model());
+    let rootfs = cfg.rootfs("default");
+    bench_kvm_setup(&kvm, &rootfs);
+    let mut c = cfg.clone();
+    c.templates = vec!["default".into()];
+    c.pool_size = 0;
+    let f = VmFactory::open(c).expect("template snapshot");
+    bench_restore(&f);
+    bench_throughput(&f);
+    if let Ok(base) = std::env::var("PODFLARE_BENCH_HTTP") {
+        bench_http(&base);
+    }
+    bench_pool(&cfg);
+    bench_density(&f);
+    bench_cold_boot(&kvm, &cfg);
+}
