@@ -1,12 +1,14 @@
 //! `podflare.selftest=1`: prove the image works (python, bash) and power off.
 
 use crate::console;
+use crate::frames::FrameReader;
 use crate::spawn::{self, Command};
 use crate::sys;
+use podflare_proto::{encode, exit_code, Kind};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Runs `args`, returns (stdout+stderr, exit code).
 fn capture(program: &str, args: &[&str], env: &[String]) -> io::Result<(String, i32)> {
@@ -36,6 +38,73 @@ fn capture(program: &str, args: &[&str], env: &[String]) -> io::Result<(String, 
     Ok((String::from_utf8_lossy(&out).trim_end().replace('\n', " | "), code))
 }
 
+/// Starts the REPL on one end of a socket pair (instead of its virtio port),
+/// waits for its Ready, runs `print(6*7)` through the wire protocol.
+/// Returns (stdout, exit code, time to ready, exec round trip).
+fn repl_roundtrip(env: &[String]) -> io::Result<(String, i32, Duration, Duration)> {
+    let mut sv = [0 as libc::c_int; 2];
+    // SAFETY: `sv` has room for the two descriptors socketpair writes.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    let (ready_r, ready_w) = sys::pipe()?;
+    let devnull = sys::open("/dev/null", libc::O_RDWR)?;
+    let mut env = env.to_vec();
+    env.push("PODFLARE_READY_FD=3".into());
+    env.push("PODFLARE_REPL_PORT_FD=4".into());
+    let t = Instant::now();
+    let pid = spawn::spawn(
+        &Command {
+            program: "/usr/bin/python3",
+            args: &["python3", "-u", crate::repl::REPL_PATH],
+            env: &env,
+            cwd: "/root",
+            fds: &[devnull.as_raw_fd(), devnull.as_raw_fd(), 2, ready_w.as_raw_fd(), theirs.as_raw_fd()],
+            new_group: true,
+        },
+        Box::new(|_| {}),
+    )?;
+    drop((ready_w, theirs));
+    let mut b = [0u8; 1];
+    if sys::read(ready_r.as_raw_fd(), &mut b)? != 1 {
+        return Err(io::Error::other("the REPL exited before it was ready"));
+    }
+    let mut reader = FrameReader::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut next = |reader: &mut FrameReader| -> io::Result<crate::frames::InFrame> {
+        loop {
+            if let Some(f) = reader.next_frame() {
+                return Ok(f);
+            }
+            let n = sys::read(ours.as_raw_fd(), &mut buf)?;
+            if n == 0 {
+                return Err(io::Error::other("the REPL closed its port"));
+            }
+            reader.push(&buf[..n]);
+        }
+    };
+    while next(&mut reader)?.kind != Kind::Ready {}
+    let to_ready = t.elapsed();
+    let t = Instant::now();
+    let mut wire = Vec::new();
+    encode(&mut wire, Kind::Exec, 1, br#"{"language":"python","code":"print(6*7)"}"#);
+    sys::write_all(ours.as_raw_fd(), &wire)?;
+    let mut out = Vec::new();
+    let code = loop {
+        let f = next(&mut reader)?;
+        match (f.kind, f.stream) {
+            (Kind::Stdout | Kind::Stderr, 1) => out.extend_from_slice(&f.payload),
+            (Kind::Exit, 1) => break exit_code(&f.payload),
+            _ => {}
+        }
+    };
+    let round_trip = t.elapsed();
+    sys::kill_group(pid, libc::SIGKILL);
+    Ok((String::from_utf8_lossy(&out).trim_end().replace('\n', " | "), code, to_ready, round_trip))
+}
+
 /// Runs the selftest, prints its lines, powers off.
 pub fn run(env: &[String], boot: Instant) -> ! {
     console::line(&format!("podflare-selftest: userspace up after {:.1} s", boot.elapsed().as_secs_f64()));
@@ -55,6 +124,17 @@ pub fn run(env: &[String], boot: Instant) -> ! {
             }
             Err(e) => console::line(&format!("podflare-selftest: {name}: spawn failed: {e}")),
         }
+    }
+    match repl_roundtrip(env) {
+        Ok((out, code, ready, rt)) => {
+            console::line(&format!("podflare-selftest: repl: {out}"));
+            console::line(&format!(
+                "podflare-selftest: repl exit {code}, ready in {:.2} s, exec round trip {:.1} ms",
+                ready.as_secs_f64(),
+                rt.as_secs_f64() * 1e3
+            ));
+        }
+        Err(e) => console::line(&format!("podflare-selftest: repl: failed: {e}")),
     }
     console::line("podflare-selftest: done");
     sys::power_off()

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, RawFd};
 use std::sync::{Condvar, Mutex, OnceLock};
 
 /// Called once with the child's exit code (`128 + signal` for a signal death).
@@ -63,6 +63,23 @@ pub fn spawn(cmd: &Command<'_>, on_exit: OnExit) -> io::Result<libc::pid_t> {
     let mut envp: Vec<*mut libc::c_char> = env_c.iter().map(|s| s.as_ptr().cast_mut()).collect();
     envp.push(std::ptr::null_mut());
 
+    // A source fd that is also a lower target slot would be overwritten by an
+    // earlier dup2 before it is read: move such sources above the slots first.
+    let mut moved = Vec::new();
+    let mut sources = cmd.fds.to_vec();
+    for (target, src) in sources.iter_mut().enumerate() {
+        if (*src as usize) < cmd.fds.len() && *src as usize != target {
+            // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open; the copy is owned here.
+            let copy = unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, cmd.fds.len() as libc::c_int) };
+            if copy < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `copy` is a fresh descriptor owned by nobody else.
+            moved.push(unsafe { std::os::fd::OwnedFd::from_raw_fd(copy) });
+            *src = copy;
+        }
+    }
+
     let mut owners = table().owners.lock().unwrap_or_else(|e| e.into_inner());
     let mut pid: libc::pid_t = 0;
     // SAFETY: the file-action and attribute objects are initialised before use
@@ -74,10 +91,8 @@ pub fn spawn(cmd: &Command<'_>, on_exit: OnExit) -> io::Result<libc::pid_t> {
         let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
         libc::posix_spawn_file_actions_init(&mut fa);
         libc::posix_spawnattr_init(&mut attr);
-        for (target, &fd) in cmd.fds.iter().enumerate() {
-            // Targets are written in order 0, 1, 2, 3 and every source is >= 3
-            // (PID 1's own 0-2 stay the console), so no source is clobbered
-            // before it is read; glibc clears close-on-exec even for dup2(3, 3).
+        for (target, &fd) in sources.iter().enumerate() {
+            // glibc clears close-on-exec even for dup2(n, n).
             libc::posix_spawn_file_actions_adddup2(&mut fa, fd, target as libc::c_int);
         }
         libc::posix_spawn_file_actions_addchdir_np(&mut fa, cwd.as_ptr());
@@ -105,6 +120,7 @@ pub fn spawn(cmd: &Command<'_>, on_exit: OnExit) -> io::Result<libc::pid_t> {
     }
     owners.insert(pid, on_exit);
     drop(owners);
+    drop(moved);
     table().spawned.notify_one();
     Ok(pid)
 }
