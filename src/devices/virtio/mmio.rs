@@ -539,4 +539,4 @@ impl BusDevice for MmioTransport {
 
 #[cfg(test)]
 #[path = "mmio_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -113,7 +113,7 @@ fn setup_queue(t: &mut MmioTransport, i: u32, size: u16, desc: u64, avail: u64, 
 }
 
 /// Brings up a transport with `n` queues of size 16 at valid addresses.
-pub(super) fn bring_up(t: &mut MmioTransport, n: u32) {
+pub(crate) fn bring_up(t: &mut MmioTransport, n: u32) {
     assert!(negotiate(t, 1 << VIRTIO_F_VERSION_1));
     for i in 0..n {
         let base = 0x1_0000 * u64::from(i + 1);
