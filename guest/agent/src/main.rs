@@ -28,9 +28,17 @@ use std::time::{Duration, Instant};
 /// (then keep waiting: without a channel there is nothing else to do).
 const PORT_WAIT: Duration = Duration::from_secs(60);
 
+/// Test harness switch: serve port-0 frames on this inherited fd, skipping
+/// everything PID 1 does to the machine (mounts, hostname, clock, entropy,
+/// the REPL). Lets `cargo test` drive the exec service on the host.
+const TEST_PORT_FD_ENV: &str = "PODFLARE_AGENT_TEST_PORT_FD";
+
 fn main() {
     let t0 = Instant::now();
     std::panic::set_hook(Box::new(|info| console::line(&format!("podflare-agent: panic: {info}"))));
+    if let Some(fd) = std::env::var(TEST_PORT_FD_ENV).ok().and_then(|v| v.parse().ok()) {
+        serve_test_fd(fd);
+    }
 
     // 1. Root file system: read-only base image + RAM overlay.
     let overlay = boot::overlay_root();
@@ -73,6 +81,7 @@ fn main() {
         port: port.clone(),
         execs,
         urandom: sys::open("/dev/urandom", libc::O_WRONLY).ok(),
+        set_clock: true,
     };
     spawn_named("port0", move || server.serve());
 
@@ -87,6 +96,17 @@ fn main() {
     loop {
         std::thread::park();
     }
+}
+
+fn serve_test_fd(fd: std::os::fd::RawFd) -> ! {
+    use std::os::fd::FromRawFd;
+    spawn_named("reaper", || spawn::reap_forever());
+    // SAFETY: the harness handed us this descriptor; nothing else owns it.
+    let port = Arc::new(port::Port::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }));
+    let execs = exec::Execs::new(port.clone(), env::child_env(false)).expect("/dev/null");
+    let server = serve::Server { port: port.clone(), execs, urandom: None, set_clock: false };
+    let _ = port.send(podflare_proto::Kind::Ready, 0, &serve::ready_payload());
+    server.serve()
 }
 
 fn open_port() -> Arc<port::Port> {

@@ -40,8 +40,8 @@ fn capture(program: &str, args: &[&str], env: &[String]) -> io::Result<(String, 
 
 /// Starts the REPL on one end of a socket pair (instead of its virtio port),
 /// waits for its Ready, runs `print(6*7)` through the wire protocol.
-/// Returns (stdout, exit code, time to ready, exec round trip).
-fn repl_roundtrip(env: &[String]) -> io::Result<(String, i32, Duration, Duration)> {
+/// Returns (stdout, exit code, time to ready, exec round trips).
+fn repl_roundtrip(env: &[String]) -> io::Result<(String, i32, Duration, Vec<Duration>)> {
     let mut sv = [0 as libc::c_int; 2];
     // SAFETY: `sv` has room for the two descriptors socketpair writes.
     if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) } != 0 {
@@ -87,22 +87,28 @@ fn repl_roundtrip(env: &[String]) -> io::Result<(String, i32, Duration, Duration
     };
     while next(&mut reader)?.kind != Kind::Ready {}
     let to_ready = t.elapsed();
-    let t = Instant::now();
-    let mut wire = Vec::new();
-    encode(&mut wire, Kind::Exec, 1, br#"{"language":"python","code":"print(6*7)"}"#);
-    sys::write_all(ours.as_raw_fd(), &wire)?;
-    let mut out = Vec::new();
-    let code = loop {
-        let f = next(&mut reader)?;
-        match (f.kind, f.stream) {
-            (Kind::Stdout | Kind::Stderr, 1) => out.extend_from_slice(&f.payload),
-            (Kind::Exit, 1) => break exit_code(&f.payload),
-            _ => {}
-        }
-    };
-    let round_trip = t.elapsed();
+    // The same exec three times: the first pays for anything not yet warm.
+    let mut results = Vec::new();
+    for stream in 1..=3 {
+        let t = Instant::now();
+        let mut wire = Vec::new();
+        encode(&mut wire, Kind::Exec, stream, br#"{"language":"python","code":"print(6*7)"}"#);
+        sys::write_all(ours.as_raw_fd(), &wire)?;
+        let mut out = Vec::new();
+        let code = loop {
+            let f = next(&mut reader)?;
+            match f.kind {
+                Kind::Stdout | Kind::Stderr if f.stream == stream => out.extend_from_slice(&f.payload),
+                Kind::Exit if f.stream == stream => break exit_code(&f.payload),
+                _ => {}
+            }
+        };
+        results.push((out, code, t.elapsed()));
+    }
     sys::kill_group(pid, libc::SIGKILL);
-    Ok((String::from_utf8_lossy(&out).trim_end().replace('\n', " | "), code, to_ready, round_trip))
+    let (out, code, _) = &results[0];
+    let times = results.iter().map(|r| r.2).collect();
+    Ok((String::from_utf8_lossy(out).trim_end().replace('\n', " | "), *code, to_ready, times))
 }
 
 /// Runs the selftest, prints its lines, powers off.
@@ -126,12 +132,13 @@ pub fn run(env: &[String], boot: Instant) -> ! {
         }
     }
     match repl_roundtrip(env) {
-        Ok((out, code, ready, rt)) => {
+        Ok((out, code, ready, rts)) => {
             console::line(&format!("podflare-selftest: repl: {out}"));
+            let rts: Vec<String> = rts.iter().map(|d| format!("{:.1}", d.as_secs_f64() * 1e3)).collect();
             console::line(&format!(
-                "podflare-selftest: repl exit {code}, ready in {:.2} s, exec round trip {:.1} ms",
+                "podflare-selftest: repl exit {code}, ready in {:.2} s, exec round trips {} ms",
                 ready.as_secs_f64(),
-                rt.as_secs_f64() * 1e3
+                rts.join(" / ")
             ));
         }
         Err(e) => console::line(&format!("podflare-selftest: repl: failed: {e}")),

@@ -92,6 +92,8 @@ pub struct Server {
     pub execs: Arc<Execs>,
     /// `/dev/urandom`, kept open so each Hello costs one ioctl.
     pub urandom: Option<OwnedFd>,
+    /// Whether Hello sets the wall clock (not in the host test harness).
+    pub set_clock: bool,
 }
 
 impl Server {
@@ -124,7 +126,7 @@ impl Server {
     fn act(&self, action: Action) {
         match action {
             Action::Hello { wall_clock_ns, entropy } => {
-                if wall_clock_ns > 0 {
+                if wall_clock_ns > 0 && self.set_clock {
                     let _ = sys::set_realtime(wall_clock_ns);
                 }
                 if let (Some(fd), false) = (&self.urandom, entropy.is_empty()) {

@@ -216,7 +216,7 @@ fn garbage_and_unknown_kinds_are_ignored() {
 fn bytes_and_large_output() {
     let mut r = Repl::start();
     let (out, _, _) = r.exec(1, "import sys; sys.stdout.buffer.write(b'\\xff\\x00'); print('\\udcfe', end=''); print('\\u00e9')");
-    assert_eq!(out.as_bytes(), "\u{fffd}\u{0}\u{fffd}é\n".as_bytes().iter().copied().collect::<Vec<_>>());
+    assert_eq!(out, "\u{fffd}\u{0}\u{fffd}é\n");
     // The SDK's download path: base64 of an 8 MB file in stdout.
     r.exec_async(2, "import base64, random\ndata = random.randbytes(8 << 20)\nprint(base64.b64encode(data).decode())");
     let (out, err, code) = r.wait(2);

@@ -1,0 +1,181 @@
+//! Drives the agent's port-0 service (bash execs, Cancel, Stdin, Ping,
+//! Hello) on the host through the wire protocol: the agent binary serves one
+//! end of a Unix socket pair (PODFLARE_AGENT_TEST_PORT_FD), which skips its
+//! PID-1 boot work. Needs /bin/bash and /root (run as root, as in CI).
+
+use podflare_proto::{encode, exit_code, Decoder, Frame, Kind};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Agent {
+    child: Child,
+    sock: UnixStream,
+    dec: Decoder,
+}
+
+impl Agent {
+    fn start() -> Agent {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let fd = theirs.as_raw_fd();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_podflare-agent"));
+        cmd.env("PODFLARE_AGENT_TEST_PORT_FD", "3").stdin(Stdio::null());
+        // SAFETY: only dup2 (async-signal-safe) runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(theirs);
+        ours.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut a = Agent { child, sock: ours, dec: Decoder::new() };
+        let ready = a.next();
+        assert_eq!(ready.kind, Kind::Ready);
+        let v: serde_json::Value = serde_json::from_slice(&ready.payload).unwrap();
+        assert_eq!(v["role"], "agent");
+        a
+    }
+
+    fn send(&mut self, kind: Kind, stream: u32, payload: &[u8]) {
+        let mut wire = Vec::new();
+        encode(&mut wire, kind, stream, payload);
+        self.sock.write_all(&wire).unwrap();
+    }
+
+    fn next(&mut self) -> Frame {
+        loop {
+            if let Some(f) = self.dec.next_frame().expect("the agent sent a malformed frame") {
+                return f;
+            }
+            let mut buf = [0u8; 65536];
+            let n = self.sock.read(&mut buf).expect("read from the agent (timed out?)");
+            assert!(n > 0, "the agent closed its port");
+            self.dec.push(&buf[..n]);
+        }
+    }
+
+    fn bash(&mut self, stream: u32, code: &str) {
+        let req = serde_json::json!({ "language": "bash", "code": code });
+        self.send(Kind::Exec, stream, req.to_string().as_bytes());
+    }
+
+    /// (stdout, stderr, exit) of each of `streams`, frames of several
+    /// streams arriving interleaved.
+    fn wait_all(&mut self, streams: &[u32]) -> Vec<(String, String, i32)> {
+        let mut res: Vec<(Vec<u8>, Vec<u8>, Option<i32>)> = vec![Default::default(); streams.len()];
+        while res.iter().any(|r| r.2.is_none()) {
+            let f = self.next();
+            let i = streams.iter().position(|&s| s == f.stream).unwrap_or_else(|| panic!("stray frame {f:?}"));
+            assert!(res[i].2.is_none(), "frame after Exit: {f:?}");
+            match f.kind {
+                Kind::Stdout => res[i].0.extend_from_slice(&f.payload),
+                Kind::Stderr => res[i].1.extend_from_slice(&f.payload),
+                Kind::Exit => res[i].2 = Some(exit_code(&f.payload)),
+                other => panic!("unexpected {other:?}: {}", String::from_utf8_lossy(&f.payload)),
+            }
+        }
+        res.into_iter()
+            .map(|(o, e, c)| (String::from_utf8_lossy(&o).into_owned(), String::from_utf8_lossy(&e).into_owned(), c.unwrap()))
+            .collect()
+    }
+
+    fn run(&mut self, stream: u32, code: &str) -> (String, String, i32) {
+        self.bash(stream, code);
+        self.wait_all(&[stream]).remove(0)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn bash_exec_output_and_status() {
+    let mut a = Agent::start();
+    assert_eq!(a.run(1, "echo hi"), ("hi\n".into(), String::new(), 0));
+    assert_eq!(a.run(2, "echo oops >&2; exit 3"), (String::new(), "oops\n".into(), 3));
+    assert_eq!(a.run(3, "pwd; echo $HOME; echo $TERM").0, "/root\n/root\nxterm\n");
+    // A signal death reports 128 + signal.
+    assert_eq!(a.run(4, "kill -9 $$").2, 137);
+    // stdin is /dev/null unless asked for: a reader ends at once.
+    assert_eq!(a.run(5, "cat; echo done").0, "done\n");
+    // Output is raw bytes, not split on lines.
+    assert_eq!(a.run(6, "printf 'a\\nb'").0, "a\nb");
+    // Output written before exit arrives before Exit, even in bulk.
+    let (out, _, code) = a.run(7, "head -c 3000000 /dev/zero | tr '\\0' x");
+    assert_eq!((out.len(), code), (3_000_000, 0));
+}
+
+#[test]
+fn background_process_does_not_hold_exit() {
+    let mut a = Agent::start();
+    let t = Instant::now();
+    let (out, _, code) = a.run(1, "sleep 30 & echo started");
+    assert_eq!((out.as_str(), code), ("started\n", 0));
+    assert!(t.elapsed() < Duration::from_secs(10), "Exit waited for the background job");
+}
+
+#[test]
+fn execs_run_concurrently_and_cancel_kills_the_group() {
+    let mut a = Agent::start();
+    let t = Instant::now();
+    for s in 1..=3 {
+        a.bash(s, &format!("sleep 1; echo {s}"));
+    }
+    let res = a.wait_all(&[1, 2, 3]);
+    assert!(t.elapsed() < Duration::from_millis(2800), "execs ran one after another: {:?}", t.elapsed());
+    for (i, r) in res.iter().enumerate() {
+        assert_eq!(r, &(format!("{}\n", i + 1), String::new(), 0));
+    }
+    // Cancel kills bash and its children (same process group).
+    a.bash(9, "sleep 60 | cat; echo not-reached");
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    a.send(Kind::Cancel, 9, b"");
+    let (out, _, code) = a.wait_all(&[9]).remove(0);
+    assert_eq!((out.as_str(), code), ("", 137));
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn stdin_when_asked_for() {
+    let mut a = Agent::start();
+    let req = serde_json::json!({ "language": "bash", "code": "tr a-z A-Z", "stdin": true });
+    a.send(Kind::Exec, 1, req.to_string().as_bytes());
+    a.send(Kind::Stdin, 1, b"hello ");
+    a.send(Kind::Stdin, 1, b"world\n");
+    a.send(Kind::CloseStdin, 1, b"");
+    assert_eq!(a.wait_all(&[1]).remove(0), ("HELLO WORLD\n".into(), String::new(), 0));
+}
+
+#[test]
+fn control_frames_and_bad_input() {
+    let mut a = Agent::start();
+    a.send(Kind::Ping, 5, b"xyz");
+    let f = a.next();
+    assert_eq!((f.kind, f.stream, f.payload.as_slice()), (Kind::Pong, 5, &b"xyz"[..]));
+    a.send(Kind::Hello, 0, br#"{"wall_clock_ns":0,"entropy_hex":""}"#);
+    assert_eq!(a.next().kind, Kind::Ready);
+    // Garbage, an unknown kind, bad JSON, python on the agent's port.
+    a.sock.write_all(&[1, 2, 3, 0xF1, 0xF1, 9]).unwrap();
+    a.sock.write_all(&[0xF1, 1, 0xE7, 0x03, 1, 0, 0, 0, 2, 0, 0, 0, 7, 7]).unwrap();
+    a.send(Kind::Exec, 6, b"{");
+    assert_eq!((a.next().kind, 6), (Kind::Error, 6));
+    a.send(Kind::Exec, 7, br#"{"language":"python","code":"1"}"#);
+    let f = a.next();
+    assert_eq!((f.kind, f.stream), (Kind::Error, 7));
+    // Frames for streams that do not exist are ignored.
+    a.send(Kind::Cancel, 77, b"");
+    a.send(Kind::Stdin, 77, b"x");
+    assert_eq!(a.run(8, "echo alive").0, "alive\n");
+}
