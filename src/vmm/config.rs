@@ -8,7 +8,7 @@ use std::time::Duration;
 pub struct VmmConfig {
     /// `PODFLARE_CACHE` (default `/var/lib/podflare`): built kernel, images, snapshots.
     pub cache_dir: PathBuf,
-    /// `PODFLARE_KERNEL`: guest kernel (default `<cache>/kernel/current/vmlinux`).
+    /// `PODFLARE_KERNEL`: guest kernel (default `<cache>/kernel/current`, a link to the built vmlinux).
     pub kernel: PathBuf,
     /// `PODFLARE_TEMPLATES` (default `default,python-datasci`): templates to serve.
     pub templates: Vec<String>,
@@ -54,7 +54,7 @@ impl VmmConfig {
         let cache_dir = PathBuf::from(env_or("PODFLARE_CACHE", "/var/lib/podflare".to_string())?);
         let kernel = match std::env::var("PODFLARE_KERNEL") {
             Ok(p) if !p.is_empty() => PathBuf::from(p),
-            _ => cache_dir.join("kernel/current/vmlinux"),
+            _ => cache_dir.join("kernel/current"),
         };
         let templates = env_or("PODFLARE_TEMPLATES", "default,python-datasci".to_string())?
             .split(',')

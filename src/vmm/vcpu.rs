@@ -253,8 +253,11 @@ fn vcpu_loop(mut fd: VcpuFd, ctx: &VcpuContext, rx: &Receiver<VcpuCommand>, tx: 
                 loop {
                     match rx.try_recv() {
                         Ok(VcpuCommand::Pause) => {
+                            // Stop draining here: commands sent after the
+                            // Paused reply belong to the paused state.
                             running = false;
                             let _ = tx.send(VcpuReply::Paused);
+                            break;
                         }
                         Ok(VcpuCommand::Resume) => {
                             let _ = tx.send(VcpuReply::Resumed);

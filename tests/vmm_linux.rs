@@ -1,0 +1,217 @@
+//! Real Linux guests in our VMM: cold boot, the channel, snapshot/restore.
+//!
+//! One factory (and so one template snapshot, built by a single cold boot
+//! the first time and cached on disk after) is shared by every test here.
+//! Needs `/dev/kvm` and the images from `scripts/setup`; where `/dev/kvm`
+//! exists, anything that does not work fails the test.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::mpsc::Receiver;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use podflare_hostd::sandbox::vm_seam::{ExecChunk, Guest, GuestSpec, Language};
+use podflare_hostd::vmm::templates::{restore_vm_from, save_vm, RunningGuest, VmFactory};
+use podflare_hostd::vmm::vm::{Vm, VmSpec};
+use podflare_hostd::vmm::{Backend, VmmConfig};
+
+fn config() -> VmmConfig {
+    let mut cfg = VmmConfig::from_env().expect("PODFLARE_* settings");
+    cfg.templates = vec!["default".into()];
+    cfg.pool_size = 0;
+    cfg
+}
+
+fn factory() -> Option<&'static VmFactory> {
+    static F: OnceLock<Option<VmFactory>> = OnceLock::new();
+    F.get_or_init(|| {
+        common::kvm_or_skip()?;
+        Some(VmFactory::open(config()).expect("template snapshot of `default` (run scripts/setup first)"))
+    })
+    .as_ref()
+}
+
+fn spec() -> GuestSpec {
+    GuestSpec { template: "default".into(), egress: true }
+}
+
+struct Output {
+    stdout: String,
+    stderr: String,
+    code: i32,
+}
+
+fn collect(rx: Receiver<ExecChunk>) -> Output {
+    let mut out = Output { stdout: String::new(), stderr: String::new(), code: -1 };
+    loop {
+        match rx.recv_timeout(Duration::from_secs(300)).expect("exec produced no result in 300 s") {
+            ExecChunk::Stdout(b) => out.stdout.push_str(&String::from_utf8_lossy(&b)),
+            ExecChunk::Stderr(b) => out.stderr.push_str(&String::from_utf8_lossy(&b)),
+            ExecChunk::Exit(c) => {
+                out.code = c;
+                return out;
+            }
+            ExecChunk::Failed(m) => panic!("exec failed: {m}"),
+        }
+    }
+}
+
+fn run(g: &dyn Guest, lang: Language, code: &str) -> Output {
+    let out = collect(g.exec(lang, code).expect("exec starts"));
+    assert_eq!(out.code, 0, "{code:?} failed: stdout {:?} stderr {:?}", out.stdout, out.stderr);
+    out
+}
+
+fn py(g: &dyn Guest, code: &str) -> String {
+    run(g, Language::Python, code).stdout
+}
+
+#[test]
+fn restored_sandbox_runs_bash_and_python() {
+    let Some(f) = factory() else { return };
+    let g = f.create_running(&spec()).expect("create");
+    assert_eq!(run(&g, Language::Bash, "echo hi").stdout, "hi\n");
+    assert_eq!(py(&g, "print(6*7)"), "42\n");
+    // State persists across Python execs; an exception does not kill the REPL.
+    py(&g, "x = 41");
+    let failed = collect(g.exec(Language::Python, "raise ValueError('boom')").unwrap());
+    assert_ne!(failed.code, 0);
+    assert!(failed.stderr.contains("ValueError: boom"), "traceback on stderr: {:?}", failed.stderr);
+    assert_eq!(py(&g, "print(x + 1)"), "42\n");
+    let exit3 = collect(g.exec(Language::Python, "raise SystemExit(3)").unwrap());
+    assert_eq!(exit3.code, 3);
+    let bash_fail = collect(g.exec(Language::Bash, "echo out; echo err >&2; exit 7").unwrap());
+    assert_eq!((bash_fail.stdout.as_str(), bash_fail.stderr.as_str(), bash_fail.code), ("out\n", "err\n", 7));
+}
+
+#[test]
+fn twenty_restored_sandboxes_are_isolated() {
+    let Some(f) = factory() else { return };
+    let guests: Vec<RunningGuest> = (0..20).map(|_| f.create_running(&spec()).expect("create")).collect();
+    for (i, g) in guests.iter().enumerate() {
+        py(g, &format!("marker = {i}\nopen('/tmp/mark', 'w').write('{i}')"));
+    }
+    for (i, g) in guests.iter().enumerate() {
+        let seen = py(g, "print(marker, open('/tmp/mark').read())");
+        assert_eq!(seen.trim(), format!("{i} {i}"), "sandbox {i} saw another's state");
+    }
+    let fresh = f.create_running(&spec()).expect("create");
+    assert_eq!(py(&fresh, "print('marker' in globals())").trim(), "False");
+    assert_eq!(run(&fresh, Language::Bash, "test -e /tmp/mark && echo yes || echo no").stdout.trim(), "no");
+}
+
+#[test]
+fn restored_sandboxes_get_their_own_randomness_and_the_current_clock() {
+    let Some(f) = factory() else { return };
+    let code = "import os, random, time\nprint(os.urandom(16).hex(), random.random(), time.time())";
+    let mut urandoms = HashSet::new();
+    let mut randoms = HashSet::new();
+    for _ in 0..3 {
+        let g = f.create_running(&spec()).expect("create");
+        let out = py(&g, code);
+        let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        let parts: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(parts.len(), 3, "{out:?}");
+        urandoms.insert(parts[0].to_string());
+        randoms.insert(parts[1].to_string());
+        let guest_now: f64 = parts[2].parse().unwrap();
+        assert!((host_now - guest_now).abs() < 1.0, "guest clock {guest_now} vs host {host_now}");
+    }
+    assert_eq!(urandoms.len(), 3, "os.urandom repeated across restored copies");
+    assert_eq!(randoms.len(), 3, "random.random() repeated across restored copies");
+}
+
+#[test]
+fn five_generations_of_snapshot_and_restore_keep_data() {
+    let Some(f) = factory() else { return };
+    let (rootfs, meta) = f.template_meta("default").unwrap();
+    let dir = std::env::temp_dir().join(format!("podflare-gen-{}", std::process::id()));
+    let g = f.create_running(&spec()).expect("create");
+    py(&g, "import hashlib\nblob = bytearray(b'gen0')\n");
+    let mut vm: Option<Vm> = None;
+    for generation in 1..=5 {
+        let current: &Vm = vm.as_ref().unwrap_or_else(|| g.vm());
+        let ch = current.channel();
+        let out = collect(ch.exec(Language::Python, &format!(
+            "blob += b'-gen{generation}'\nprint(hashlib.sha256(blob).hexdigest())"
+        )).unwrap());
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let before = out.stdout;
+        let gen_dir = dir.join(format!("g{generation}"));
+        save_vm(current, &gen_dir, meta.clone()).expect("snapshot");
+        let restored = restore_vm_from(f.kvm(), &format!("gen{generation}"), &rootfs, &gen_dir, &meta).expect("restore");
+        restored.channel().send_hello().unwrap();
+        let after = collect(restored.channel().exec(Language::Python, "print(hashlib.sha256(blob).hexdigest())").unwrap());
+        assert_eq!(after.stdout, before, "generation {generation} lost data");
+        vm = Some(restored);
+    }
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn corrupt_or_foreign_snapshots_are_refused() {
+    let Some(f) = factory() else { return };
+    let (rootfs, meta) = f.template_meta("default").unwrap();
+    let dir = std::env::temp_dir().join(format!("podflare-corrupt-{}", std::process::id()));
+    let g = f.create_running(&spec()).expect("create");
+    save_vm(g.vm(), &dir, meta.clone()).expect("snapshot");
+    let state = dir.join("state");
+    let good = std::fs::read(&state).unwrap();
+
+    let mut flipped = good.clone();
+    let last = flipped.len() - 2;
+    flipped[last] ^= 0x55;
+    std::fs::write(&state, &flipped).unwrap();
+    let err = restore_vm_from(f.kvm(), "corrupt", &rootfs, &dir, &meta).err().expect("refused").to_string();
+    assert!(err.contains("corrupt"), "{err}");
+
+    std::fs::write(&state, &good[..good.len() / 2]).unwrap();
+    let err = restore_vm_from(f.kvm(), "truncated", &rootfs, &dir, &meta).err().expect("refused").to_string();
+    assert!(err.contains("truncated"), "{err}");
+
+    std::fs::write(&state, &good).unwrap();
+    let mut other = meta.clone();
+    other.backend = if meta.backend == Backend::Pvm { Backend::Hardware } else { Backend::Pvm };
+    let err = restore_vm_from(f.kvm(), "foreign", &rootfs, &dir, &other).err().expect("refused").to_string();
+    assert!(err.contains("does not match this host"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn two_cold_boots_at_once_both_answer() {
+    let Some(kvm) = common::kvm_or_skip() else { return };
+    let cfg = config();
+    let spec = VmSpec {
+        kernel: cfg.kernel.clone(),
+        rootfs: cfg.rootfs("default"),
+        ram_bytes: cfg.guest_ram_mib << 20,
+        vcpus: 1,
+        backend: Backend::detect(),
+        extra_cmdline: String::new(),
+    };
+    let started = Instant::now();
+    let a = Vm::boot(&kvm, "cold-a", &spec).expect("boot a");
+    let b = Vm::boot(&kvm, "cold-b", &spec).expect("boot b");
+    for vm in [&a, &b] {
+        for port in 0..2 {
+            if let Err(e) = vm.channel().wait_ready(port, 0, cfg.boot_timeout) {
+                panic!(
+                    "{} port {port}: {e}\n{}",
+                    vm.name(),
+                    String::from_utf8_lossy(&vm.console_log().contents())
+                );
+            }
+        }
+    }
+    eprintln!("two cold boots to agent+REPL ready: {:.1}s", started.elapsed().as_secs_f64());
+    for vm in [&a, &b] {
+        vm.channel().send_hello().unwrap();
+        let out = collect(vm.channel().exec(Language::Bash, "echo hi").unwrap());
+        assert_eq!(out.stdout, "hi\n");
+        let out = collect(vm.channel().exec(Language::Python, "print(6*7)").unwrap());
+        assert_eq!(out.stdout, "42\n");
+    }
+}
