@@ -297,6 +297,13 @@ impl VirtioDevice for Block {
         self.activate(mem, interrupt, queues)
     }
 
+    fn set_memory(&mut self, mem: &GuestMemory) -> bool {
+        if let Some(a) = self.active.as_mut() {
+            a.mem = mem.clone();
+        }
+        true
+    }
+
     fn queue_states(&self) -> Vec<QueueState> {
         self.active.iter().map(|a| a.queue.state()).collect()
     }

@@ -652,6 +652,13 @@ impl VirtioDevice for Console {
         self.activate(mem, interrupt, queues)
     }
 
+    fn set_memory(&mut self, mem: &GuestMemory) -> bool {
+        if let Some(a) = self.active.as_mut() {
+            a.mem = mem.clone();
+        }
+        true
+    }
+
     fn queue_states(&self) -> Vec<QueueState> {
         self.active.iter().flat_map(|a| a.queues.iter().map(|q| q.state())).collect()
     }

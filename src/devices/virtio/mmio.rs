@@ -309,14 +309,24 @@ impl MmioTransport {
     }
 
     /// Replaces the guest memory object (after the VM's memory was remapped).
-    /// An active device is handed the new memory through its save/restore;
-    /// call with the device idle (VM paused).
+    /// An active device switches over in place (`VirtioDevice::set_memory`)
+    /// or, if it cannot, through its save/restore; call with the VM paused.
     pub fn set_memory(&mut self, mem: GuestMemory) {
         self.mem = mem;
         if !self.activated {
             return;
         }
         let saved = self.state();
+        let fits = saved.queues.iter().all(|sq| {
+            queue_from_state((*sq).into()).is_ok_and(|q| q.is_valid(&self.mem))
+        });
+        if !fits {
+            self.fail_device();
+            return;
+        }
+        if self.device.set_memory(&self.mem) {
+            return;
+        }
         let queues: Result<Vec<Queue>, DeviceError> = saved
             .queues
             .iter()

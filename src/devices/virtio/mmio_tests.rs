@@ -393,25 +393,54 @@ fn state_round_trips_and_validates() {
 }
 
 #[test]
-fn set_memory_rehands_queues_to_active_device() {
+fn set_memory_switches_active_devices() {
     let m = mem();
-    let vq = MockSplitQueue::new(&m, 16);
-    let _ = vq;
     let (dev, seen) = dummy(&[16]);
     let (int, _) = interrupt();
     let mut t = MmioTransport::new(dev, m.clone(), int);
     bring_up(&mut t, 1);
+    // The dummy cannot switch in place: it goes through save/restore.
     t.set_memory(mem());
     assert!(t.is_activated());
     assert_eq!(seen.lock().unwrap().restored.as_ref().unwrap().1, 1);
-    // Memory too small for the queues: the device is failed, not panicked.
+    // Memory that no longer holds the queues: the device is failed, not panicked.
     let tiny = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
-    let mut t2 = {
-        let (dev, _) = dummy(&[16]);
-        let (int, _) = interrupt();
-        MmioTransport::new(dev, m, int)
-    };
-    bring_up(&mut t2, 1);
-    t2.set_memory(tiny);
-    assert!(t2.is_activated(), "dummy accepts any memory");
+    t.set_memory(tiny);
+    assert!(!t.is_activated());
+    assert_ne!(r32(&mut t, REG_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+
+    // The block device switches in place: reads land in the new memory.
+    let file = TempPath::with_contents(&[0x5a; 4096]);
+    let dev = Block::new(std::fs::File::open(&file.0).unwrap(), "b").unwrap();
+    let (int, _) = interrupt();
+    let mut t = MmioTransport::new(Box::new(dev), m.clone(), int);
+    let m2 = mem();
+    let vq = MockSplitQueue::create(&m2, GuestAddress(0x1_0000), 16);
+    assert!(negotiate(&mut t, 1 << VIRTIO_F_VERSION_1));
+    let (d, a, u) = (vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0);
+    assert_eq!(setup_queue(&mut t, 0, 16, d, a, u), 1);
+    w32(&mut t, REG_STATUS, ACK | DRV | FOK | DOK);
+    let hdr = 0x10_0000u64;
+    vm_memory::Bytes::write_obj(&m2, 0u32, GuestAddress(hdr)).unwrap();
+    vm_memory::Bytes::write_obj(&m2, 0u64, GuestAddress(hdr + 8)).unwrap();
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as D, RawDescriptor as Raw};
+    let (n, w) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+    vq.add_desc_chains(
+        &[
+            Raw::from(D::new(hdr, 16, n, 1)),
+            Raw::from(D::new(0x20_0000, 512, n | w, 2)),
+            Raw::from(D::new(0x30_0000, 1, w, 0)),
+        ],
+        0,
+    )
+    .unwrap();
+    t.set_memory(m2.clone());
+    assert!(t.is_activated());
+    t.queue_notify(0);
+    assert_eq!(vq.used().idx().load(), 1);
+    let b: u8 = vm_memory::Bytes::read_obj(&m2, GuestAddress(0x20_0000)).unwrap();
+    assert_eq!(b, 0x5a);
+    let old: u8 = vm_memory::Bytes::read_obj(&m, GuestAddress(0x20_0000)).unwrap();
+    assert_eq!(old, 0);
 }

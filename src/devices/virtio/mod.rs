@@ -120,6 +120,13 @@ pub trait VirtioDevice: Send {
     fn queue_states(&self) -> Vec<QueueState> {
         Vec::new()
     }
+    /// Switches an active device to a new guest memory object. Returns
+    /// false if the device does not support this; the transport then hands
+    /// the memory over through `save`/`restore` instead.
+    fn set_memory(&mut self, mem: &GuestMemory) -> bool {
+        let _ = mem;
+        false
+    }
 }
 
 /// Builds a queue from a snapshot's queue state, checked as untrusted input.
