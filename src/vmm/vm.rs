@@ -486,6 +486,9 @@ impl<D: VirtioDevice> VirtioDevice for SharedDevice<D> {
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
         lock(&self.dev).queue_states()
     }
+    fn set_memory(&mut self, mem: &GuestMemory) -> bool {
+        lock(&self.dev).set_memory(mem)
+    }
 }
 
 fn pio_bus(d: &Devices) -> Result<Bus, VmmError> {
