@@ -131,6 +131,23 @@ pub fn run(env: &[String], boot: Instant) -> ! {
             Err(e) => console::line(&format!("podflare-selftest: {name}: spawn failed: {e}")),
         }
     }
+    // Images with warm-up modules (python-datasci): they must import
+    // cleanly, with no warning, under this environment (PVM masks included).
+    if let Ok(list) = std::fs::read_to_string("/etc/podflare/warmup") {
+        let modules = list.split([',', ' ', '\n']).filter(|m| !m.is_empty()).collect::<Vec<_>>().join(", ");
+        let code = format!("import {modules}; print('ok')");
+        let t = Instant::now();
+        match capture("/usr/bin/python3", &["python3", "-c", &code], env) {
+            Ok((out, code)) => {
+                console::line(&format!("podflare-selftest: warmup: {out}"));
+                console::line(&format!("podflare-selftest: warmup exit {code} in {:.2} s", t.elapsed().as_secs_f64()));
+            }
+            Err(e) => console::line(&format!("podflare-selftest: warmup: spawn failed: {e}")),
+        }
+    }
+    if let Some(npy) = env.iter().find(|v| v.starts_with("NPY_DISABLE_CPU_FEATURES=")) {
+        console::line(&format!("podflare-selftest: env {npy}"));
+    }
     match repl_roundtrip(env) {
         Ok((out, code, ready, rts)) => {
             console::line(&format!("podflare-selftest: repl: {out}"));
