@@ -341,7 +341,13 @@ fn request_log_lines() {
     let h = c.head();
     c.body(&h);
     c.call("GET", "/v1/capacity", Some("wrong-secret-key"), b"");
-    let logs = srv.logs.lock().unwrap().clone();
+    // A request's line is written just after its response: wait for both.
+    let logged = || srv.logs.lock().unwrap().clone();
+    assert!(eventually(Duration::from_secs(5), || {
+        let l = logged();
+        l.iter().any(|l| l.contains("\"status\":401")) && l.iter().any(|l| l.contains("/replay"))
+    }));
+    let logs = logged();
     let line = logs
         .iter()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json log line"))
@@ -352,6 +358,5 @@ fn request_log_lines() {
     assert_eq!(line["sandbox"], id.as_str());
     assert_eq!(line["trace"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert!(line["ms"].is_u64());
-    assert!(logs.iter().any(|l| l.contains("\"status\":401")));
     assert!(!logs.iter().any(|l| l.contains(KEY) || l.contains("wrong-secret-key")), "keys never logged");
 }

@@ -154,7 +154,7 @@ fn execs_on_one_sandbox_run_in_arrival_order() {
     // Open three streams in a known order: the queue place is taken before
     // the response head is sent, so waiting for each head fixes the order.
     let mut conns = Vec::new();
-    for (i, code) in ["A1\nSLEEP 600\nA2", "B1\nSLEEP 100\nB2", "C1"].iter().enumerate() {
+    for (i, code) in ["A1\nSLEEP 1500\nA2", "B1\nSLEEP 100\nB2", "C1"].iter().enumerate() {
         let mut c = Conn::open(srv.addr);
         c.send("POST", &format!("/v1/sandboxes/{id}/exec"), Some(KEY), &[], &exec_body(code));
         let h = c.head();
@@ -164,7 +164,7 @@ fn execs_on_one_sandbox_run_in_arrival_order() {
     // Another sandbox is not held up by this queue.
     let t0 = Instant::now();
     assert_eq!(pairs(&exec(srv.addr, &other, "free").events()), vec![out("free"), exit(0)]);
-    assert!(t0.elapsed() < Duration::from_millis(500));
+    assert!(t0.elapsed() < Duration::from_millis(1200), "not queued behind the 1.5 s exec");
     let mut streamed = Vec::new();
     let mut spans = Vec::new();
     for (c, h) in conns.iter_mut().rev() {
@@ -225,4 +225,21 @@ fn python_is_the_default_language() {
     let id = create(srv.addr, "{}");
     let r = call(srv.addr, "POST", &format!("/v1/sandboxes/{id}/exec"), r#"{"code":"print"}"#);
     assert_eq!(pairs(&r.events()), vec![out("print"), exit(0)]);
+}
+
+#[test]
+fn destroyed_sandbox_ends_a_stream_even_if_the_guest_channel_lingers() {
+    let srv = start();
+    let id = create(srv.addr, "{}");
+    let mut c = Conn::open(srv.addr);
+    c.send("POST", &format!("/v1/sandboxes/{id}/exec"), Some(KEY), &[], &exec_body("early\nSTUCK 4000\nlate"));
+    let h = c.head();
+    assert!(c.chunk().unwrap().starts_with(b"{\"type\":\"stdout\",\"data\":\"early\""));
+    let t0 = Instant::now();
+    assert_eq!(call(srv.addr, "DELETE", &format!("/v1/sandboxes/{id}"), "").status(), 204);
+    let rest = String::from_utf8(c.body(&h)).unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(3), "ended by the keep-alive check, not by the guest");
+    let ev: Vec<Value> = rest.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(ev[0]["data"].as_str().unwrap().contains("destroyed"));
+    assert_eq!(*pairs(&ev).last().unwrap(), exit(137));
 }

@@ -101,7 +101,12 @@ impl Logger {
                 let mut line = format!("{ts} {} {msg}", level.as_str().to_uppercase());
                 for (k, v) in fields {
                     let v = match v {
-                        Value::String(s) if !s.is_empty() && !s.contains([' ', '"', '=']) => s.clone(),
+                        // Anything that could break the line apart is quoted.
+                        Value::String(s)
+                            if !s.is_empty() && !s.contains([' ', '"', '=']) && !s.chars().any(char::is_control) =>
+                        {
+                            s.clone()
+                        }
                         Value::Null => continue,
                         other => other.to_string(),
                     };
@@ -150,6 +155,8 @@ mod tests {
     fn formats() {
         let t = Logger::new(LogFormat::Text).format_line(Level::Info, "request", &[("status", json!(200)), ("path", json!("/v1/x")), ("sandbox", Value::Null)]);
         assert!(t.ends_with("INFO request status=200 path=/v1/x"), "{t}");
+        let t = Logger::new(LogFormat::Text).format_line(Level::Info, "m", &[("path", json!("/a\rb"))]);
+        assert!(t.ends_with(r#"path="/a\rb""#), "{t}");
         let j = Logger::new(LogFormat::Json).format_line(Level::Warn, "m", &[("a", json!("b c"))]);
         let v: Value = serde_json::from_str(&j).unwrap();
         assert_eq!(v["level"], "warn");

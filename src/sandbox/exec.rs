@@ -238,6 +238,15 @@ impl ExecStream {
                         Ok(ExecChunk::Failed(msg)) => {
                             self.finish(Err(format!("podflare: the sandbox failed during this exec: {msg}")))
                         }
+                        // Safety net: a VMM whose dropped guest does not
+                        // close its exec channels must not leave this stream
+                        // (and its worker) waiting forever.
+                        Err(RecvTimeoutError::Timeout) if self.sandbox.is_destroyed() => {
+                            self.finish(Err(format!(
+                                "podflare: sandbox {} was destroyed during this exec",
+                                self.sandbox.id()
+                            )))
+                        }
                         Err(RecvTimeoutError::Timeout) => return Some(StreamItem::KeepAlive),
                         Err(RecvTimeoutError::Disconnected) => {
                             let why = if self.sandbox.is_destroyed() {

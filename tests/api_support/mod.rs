@@ -49,7 +49,8 @@ impl GuestFactory for FakeFactory {
 }
 
 /// Fake guest. `exec` interprets the code line by line:
-/// `EXIT n`, `FAIL msg`, `SLEEP ms`, `HANG`, `ERR text` (stderr line),
+/// `EXIT n`, `FAIL msg`, `SLEEP ms`, `HANG` (until destroyed), `STUCK ms`
+/// (sleeps even if destroyed), `ERR text` (stderr line),
 /// `HEX hex` / `ERRHEX hex` (raw bytes, no newline added), `BIG n` (one
 /// stdout line of n `a`s sent in 64 KiB chunks); any other line is echoed
 /// to stdout with a newline. Ends with exit 0.
@@ -100,6 +101,11 @@ fn run_script(code: String, tx: Sender<ExecChunk>, alive: Arc<AtomicBool>) {
                 if !nap(&alive, arg.parse().expect("SLEEP ms")) {
                     return;
                 }
+                continue;
+            }
+            "STUCK" => {
+                // Ignores destruction: a guest whose channel outlives it.
+                std::thread::sleep(Duration::from_millis(arg.parse().expect("STUCK ms")));
                 continue;
             }
             "HANG" => {
