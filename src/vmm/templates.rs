@@ -14,7 +14,7 @@ use kvm_ioctls::Kvm;
 use sha2::{Digest, Sha256};
 
 use super::snapshot::{self, SnapshotFile, SnapshotMeta};
-use super::vm::{Vm, VmSpec};
+use super::vm::{self, Vm, VmSpec};
 use super::{memory, Backend, VmmConfig, VmmError};
 use crate::sandbox::vm_seam::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language};
 
@@ -37,6 +37,10 @@ fn log(msg: &str) {
 struct Template {
     name: String,
     rootfs: PathBuf,
+    /// The image the snapshot was taken with, held open: a rebuild of the
+    /// image (a new file behind the same `current` link) must not change
+    /// what running and future sandboxes of this snapshot read.
+    rootfs_file: File,
     memory_path: PathBuf,
     snap: SnapshotFile,
 }
@@ -156,7 +160,8 @@ impl Inner {
             .map_err(|e| VmmError::File { path: t.memory_path.display().to_string(), source: e })?;
         let mem = memory::private_file_mapping(file, t.snap.meta.ram_bytes)?;
         let n = self.next_vm.fetch_add(1, Ordering::Relaxed);
-        let vm = Vm::restore(&self.kvm, &format!("vm{n}"), &t.rootfs, mem, &t.snap.machine)?;
+        let rootfs = t.rootfs_file.try_clone().map_err(VmmError::Io)?;
+        let vm = Vm::restore(&self.kvm, &format!("vm{n}"), rootfs, mem, &t.snap.machine)?;
         vm.resume()?;
         self.counters.restore_ns_total.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(vm)
@@ -252,12 +257,14 @@ fn snapshot_key(cfg: &VmmConfig, backend: Backend, name: &str, kernel_id: &str, 
 }
 
 fn prepare_template(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str) -> Result<Template, VmmError> {
-    let rootfs = cfg.rootfs(name);
-    let kernel_id = file_identity(&cfg.kernel)?;
-    let rootfs_id = file_identity(&rootfs).map_err(|_| VmmError::File {
-        path: rootfs.display().to_string(),
+    let link = cfg.rootfs(name);
+    let rootfs = std::fs::canonicalize(&link).map_err(|_| VmmError::File {
+        path: link.display().to_string(),
         source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("base image of template {name:?} not found; run scripts/setup")),
     })?;
+    let rootfs_file = vm::open_rootfs(&rootfs)?;
+    let kernel_id = file_identity(&cfg.kernel)?;
+    let rootfs_id = file_identity(&rootfs)?;
     let key = snapshot_key(cfg, backend, name, &kernel_id, &rootfs_id);
     let dir = cfg.cache_dir.join("snapshots").join(name).join(&key);
     let expect = SnapshotMeta {
@@ -277,14 +284,14 @@ fn prepare_template(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str) ->
         match snapshot::read_state(&state_path, &expect) {
             Ok(snap) if memory_path.metadata().map(|m| m.len()).ok() == Some(expect.ram_bytes) => {
                 log(&format!("template {name}: using snapshot {}", dir.display()));
-                return Ok(Template { name: name.into(), rootfs, memory_path, snap });
+                return Ok(Template { name: name.into(), rootfs, rootfs_file, memory_path, snap });
             }
             Ok(_) => log(&format!("template {name}: snapshot memory file is missing or the wrong size; rebuilding")),
             Err(e) => log(&format!("template {name}: refusing snapshot: {e}; rebuilding")),
         }
     }
     let snap = build_snapshot(kvm, cfg, backend, name, &rootfs, &dir, expect)?;
-    Ok(Template { name: name.into(), rootfs, memory_path, snap })
+    Ok(Template { name: name.into(), rootfs, rootfs_file, memory_path, snap })
 }
 
 /// Takes an exclusive `flock` on `<dir>/.lock`, held until dropped.
@@ -398,7 +405,7 @@ pub fn restore_vm_from(kvm: &Kvm, name: &str, rootfs: &Path, dir: &Path, expect:
     let path = dir.join("memory");
     let file = File::open(&path).map_err(|e| VmmError::File { path: path.display().to_string(), source: e })?;
     let mem = memory::private_file_mapping(file, snap.meta.ram_bytes)?;
-    let vm = Vm::restore(kvm, name, rootfs, mem, &snap.machine)?;
+    let vm = Vm::restore(kvm, name, vm::open_rootfs(rootfs)?, mem, &snap.machine)?;
     vm.resume()?;
     Ok(vm)
 }

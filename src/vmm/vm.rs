@@ -124,7 +124,8 @@ fn new_vm_fd(kvm: &Kvm, mem: &GuestMemory) -> Result<VmFd, VmmError> {
     Ok(vm)
 }
 
-fn open_rootfs(path: &Path) -> Result<File, VmmError> {
+/// Opens a base image read-only; the error names the file.
+pub fn open_rootfs(path: &Path) -> Result<File, VmmError> {
     File::open(path).map_err(|e| VmmError::File { path: path.display().to_string(), source: e })
 }
 
@@ -197,16 +198,17 @@ impl Vm {
     }
 
     /// Restores a VM from saved state and a memory object (usually a private
-    /// mapping of a snapshot's memory file). The VM starts paused; call
-    /// [`Vm::resume`].
+    /// mapping of a snapshot's memory file). `rootfs` must be the very image
+    /// the snapshot was taken with (its cached blocks live in guest memory),
+    /// so callers pass an open file rather than a path that may be rebuilt.
+    /// The VM starts paused; call [`Vm::resume`].
     pub fn restore(
         kvm: &Kvm,
         name: &str,
-        rootfs: &Path,
+        rootfs: File,
         mem: GuestMemory,
         state: &MachineState,
     ) -> Result<Vm, VmmError> {
-        let rootfs = open_rootfs(rootfs)?;
         let vm_fd = new_vm_fd(kvm, &mem)?;
         state.vm.restore(&vm_fd)?;
         let channel = Channel::new();
