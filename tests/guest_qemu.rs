@@ -23,14 +23,24 @@ fn repo() -> &'static Path {
 }
 
 fn cache() -> PathBuf {
-    std::env::var_os("PODFLARE_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/lib/podflare".into())
+    std::env::var_os("PODFLARE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/lib/podflare".into())
 }
 
 /// The cached kernel: `kernel/current` is the vmlinux itself or its directory.
 fn kernel() -> PathBuf {
     let current = cache().join("kernel/current");
-    let path = if current.is_dir() { current.join("vmlinux") } else { current };
-    assert!(path.is_file(), "no guest kernel at {}: run scripts/build-kernel", path.display());
+    let path = if current.is_dir() {
+        current.join("vmlinux")
+    } else {
+        current
+    };
+    assert!(
+        path.is_file(),
+        "no guest kernel at {}: run scripts/build-kernel",
+        path.display()
+    );
     path
 }
 
@@ -41,10 +51,17 @@ fn image() -> PathBuf {
         .stderr(Stdio::inherit())
         .output()
         .expect("run scripts/build-rootfs");
-    assert!(out.status.success(), "scripts/build-rootfs default failed: {}", out.status);
+    assert!(
+        out.status.success(),
+        "scripts/build-rootfs default failed: {}",
+        out.status
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let path = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
-    assert!(path.is_file(), "build-rootfs printed {path:?}, not an image");
+    assert!(
+        path.is_file(),
+        "build-rootfs printed {path:?}, not an image"
+    );
     path
 }
 
@@ -61,7 +78,10 @@ fn qemu_boots_default_image_and_selftest_passes() {
         return;
     }
     let timeout = Duration::from_secs(
-        std::env::var("PODFLARE_QEMU_TEST_TIMEOUT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(600),
+        std::env::var("PODFLARE_QEMU_TEST_TIMEOUT_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(600),
     );
     let (kernel, image) = (kernel(), image());
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
@@ -106,7 +126,10 @@ fn qemu_boots_default_image_and_selftest_passes() {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 kill_group(pid);
                 let _ = child.wait();
-                panic!("no 'podflare-selftest: done' within {timeout:?}; QEMU killed. Console:\n{}", tail(&log));
+                panic!(
+                    "no 'podflare-selftest: done' within {timeout:?}; QEMU killed. Console:\n{}",
+                    tail(&log)
+                );
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
@@ -120,26 +143,55 @@ fn qemu_boots_default_image_and_selftest_passes() {
     let _ = child.wait();
 
     let find = |needle: &str| log.iter().find(|(_, l)| l.contains(needle)).cloned();
-    assert!(done, "the guest did not finish its selftest. Console:\n{}", tail(&log));
+    assert!(
+        done,
+        "the guest did not finish its selftest. Console:\n{}",
+        tail(&log)
+    );
     let up = find("podflare-selftest: userspace up").expect("agent start line");
-    for expect in ["podflare-selftest: python: 42", "podflare-selftest: bash: hi", "podflare-selftest: repl: 42"] {
+    for expect in [
+        "podflare-selftest: python: 42",
+        "podflare-selftest: bash: hi",
+        "podflare-selftest: repl: 42",
+    ] {
         assert!(
-            log.iter().any(|(_, l)| l.trim_end() == expect || l.ends_with(expect)),
+            log.iter()
+                .any(|(_, l)| l.trim_end() == expect || l.ends_with(expect)),
             "missing '{expect}' on the console:\n{}",
             tail(&log)
         );
     }
-    for failure in ["podflare-agent: panic", "overlay root failed", "spawn failed"] {
-        assert!(find(failure).is_none(), "'{failure}' on the console:\n{}", tail(&log));
+    for failure in [
+        "podflare-agent: panic",
+        "overlay root failed",
+        "spawn failed",
+    ] {
+        assert!(
+            find(failure).is_none(),
+            "'{failure}' on the console:\n{}",
+            tail(&log)
+        );
     }
-    println!("QEMU: agent running {:.1} s after QEMU start", up.0.as_secs_f64());
-    for (_, line) in log.iter().filter(|(_, l)| l.contains(" in ") && l.contains("podflare-selftest")) {
+    println!(
+        "QEMU: agent running {:.1} s after QEMU start",
+        up.0.as_secs_f64()
+    );
+    for (_, line) in log
+        .iter()
+        .filter(|(_, l)| l.contains(" in ") && l.contains("podflare-selftest"))
+    {
         println!("QEMU: {line}");
     }
-    println!("QEMU: selftest done {:.1} s after QEMU start (pvm={pvm})", find("podflare-selftest: done").map_or(0.0, |d| d.0.as_secs_f64()));
+    println!(
+        "QEMU: selftest done {:.1} s after QEMU start (pvm={pvm})",
+        find("podflare-selftest: done").map_or(0.0, |d| d.0.as_secs_f64())
+    );
 }
 
 fn tail(log: &[(Duration, String)]) -> String {
     let start = log.len().saturating_sub(60);
-    log[start..].iter().map(|(t, l)| format!("[{:7.2}] {l}\n", t.as_secs_f64())).collect()
+    log[start..]
+        .iter()
+        .map(|(t, l)| format!("[{:7.2}] {l}\n", t.as_secs_f64()))
+        .collect()
 }

@@ -21,7 +21,13 @@ pub fn overlay_root() -> io::Result<()> {
         mkdir(&format!("{STATE}/{d}"), 0o755)?;
     }
     let new_root = format!("{STATE}/root");
-    mount("overlay", &new_root, "overlay", 0, &format!("lowerdir=/,upperdir={STATE}/upper,workdir={STATE}/work"))?;
+    mount(
+        "overlay",
+        &new_root,
+        "overlay",
+        0,
+        &format!("lowerdir=/,upperdir={STATE}/upper,workdir={STATE}/work"),
+    )?;
     sys::chdir(&new_root)?;
     // Park the old root on the image's (empty) STATE directory seen through
     // the overlay, then drop it: the overlay keeps its layers alive.
@@ -55,9 +61,24 @@ pub fn pseudo_filesystems() {
         _ => Ok(()),
     };
     let results = [
-        ("/proc", tolerate(mount("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC, ""))),
-        ("/sys", tolerate(mount("sysfs", "/sys", "sysfs", NOSUID_NODEV_NOEXEC, ""))),
-        ("/dev", tolerate(mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"))),
+        (
+            "/proc",
+            tolerate(mount("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC, "")),
+        ),
+        (
+            "/sys",
+            tolerate(mount("sysfs", "/sys", "sysfs", NOSUID_NODEV_NOEXEC, "")),
+        ),
+        (
+            "/dev",
+            tolerate(mount(
+                "devtmpfs",
+                "/dev",
+                "devtmpfs",
+                libc::MS_NOSUID,
+                "mode=0755",
+            )),
+        ),
     ];
     for (what, r) in results {
         if let Err(e) = r {
@@ -67,12 +88,33 @@ pub fn pseudo_filesystems() {
     // devtmpfs has no pts/shm directories and none of the /dev/fd links.
     let _ = mkdir("/dev/pts", 0o755);
     let _ = mkdir("/dev/shm", 0o1777);
-    let _ = mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
-    let _ = mount("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777");
-    for (link, target) in
-        [("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")]
-    {
+    let _ = mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "gid=5,mode=620,ptmxmode=666",
+    );
+    let _ = mount(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    );
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
         let _ = std::os::unix::fs::symlink(target, link);
     }
-    let _ = mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777");
+    let _ = mount(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    );
 }

@@ -41,15 +41,32 @@ mod tests {
     #[test]
     fn reads_our_switches_among_kernel_ones() {
         let f = parse("console=ttyS0 root=/dev/vda ro podflare.selftest=1 podflare.pvm=1 quiet\n");
-        assert_eq!(f, Flags { selftest: true, pvm: true, debug: false });
+        assert_eq!(
+            f,
+            Flags {
+                selftest: true,
+                pvm: true,
+                debug: false
+            }
+        );
     }
 
     #[test]
     fn zero_and_garbage_mean_off() {
         let f = parse("podflare.selftest=0 podflare.pvm=banana podflare.debug");
-        assert_eq!(f, Flags { selftest: false, pvm: false, debug: true });
+        assert_eq!(
+            f,
+            Flags {
+                selftest: false,
+                pvm: false,
+                debug: true
+            }
+        );
         assert_eq!(parse(""), Flags::default());
-        assert_eq!(parse("podflare.pvmx=1 xpodflare.pvm=1 ==="), Flags::default());
+        assert_eq!(
+            parse("podflare.pvmx=1 xpodflare.pvm=1 ==="),
+            Flags::default()
+        );
     }
 
     #[test]

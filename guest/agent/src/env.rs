@@ -59,7 +59,9 @@ fn cpu_has(feature: &str) -> bool {
 /// here from the CPU, with numpy's own group definitions
 /// (numpy/core/src/common/npy_cpu_features.c).
 pub fn numpy_avx_targets(has: impl Fn(&str) -> bool) -> Vec<&'static str> {
-    let skx = ["avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"].iter().all(|f| has(f));
+    let skx = ["avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"]
+        .iter()
+        .all(|f| has(f));
     let clx = skx && has("avx512vnni");
     let cnl = skx && has("avx512ifma") && has("avx512vbmi");
     let icl = clx && cnl && has("avx512vbmi2") && has("avx512bitalg") && has("avx512vpopcntdq");
@@ -131,7 +133,10 @@ mod tests {
         let npy = usize::from(!numpy_avx_targets(cpu_has).is_empty());
         assert_eq!(pvm.len(), plain.len() + pvm_no_avx_env().len() + npy);
         assert!(!plain.iter().any(|v| v.starts_with("GLIBC_TUNABLES=")));
-        let tun = pvm.iter().find(|v| v.starts_with("GLIBC_TUNABLES=")).unwrap();
+        let tun = pvm
+            .iter()
+            .find(|v| v.starts_with("GLIBC_TUNABLES="))
+            .unwrap();
         // glibc 2.36 ignores the pre-2.33 "_Usable" spellings.
         assert!(!tun.contains("_Usable"));
         assert!(tun.contains("-AVX2,") && !tun.contains(' '));
@@ -150,8 +155,21 @@ mod tests {
         let avx2 = |f: &str| matches!(f, "avx" | "f16c" | "fma" | "avx2");
         assert_eq!(numpy_avx_targets(avx2).join(","), "AVX,F16C,FMA3,AVX2");
         // Skylake-SP: SKX and CLX-less.
-        let skx = |f: &str| !matches!(f, "avx512vnni" | "avx512ifma" | "avx512vbmi" | "avx512vbmi2" | "avx512bitalg" | "avx512vpopcntdq");
-        assert_eq!(numpy_avx_targets(skx).join(","), "AVX,F16C,FMA3,AVX2,AVX512F,AVX512CD,AVX512_SKX");
+        let skx = |f: &str| {
+            !matches!(
+                f,
+                "avx512vnni"
+                    | "avx512ifma"
+                    | "avx512vbmi"
+                    | "avx512vbmi2"
+                    | "avx512bitalg"
+                    | "avx512vpopcntdq"
+            )
+        };
+        assert_eq!(
+            numpy_avx_targets(skx).join(","),
+            "AVX,F16C,FMA3,AVX2,AVX512F,AVX512CD,AVX512_SKX"
+        );
     }
 
     #[test]

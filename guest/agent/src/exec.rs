@@ -56,11 +56,20 @@ impl Execs {
     /// Exec service writing to `port`, starting children with `env`.
     pub fn new(port: Arc<Port>, env: Vec<String>) -> io::Result<Arc<Self>> {
         let devnull = sys::open("/dev/null", libc::O_RDWR)?;
-        Ok(Arc::new(Self { port, env, devnull, running: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(Self {
+            port,
+            env,
+            devnull,
+            running: Mutex::new(HashMap::new()),
+        }))
     }
 
     fn get(&self, stream: u32) -> Option<Arc<Running>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).get(&stream).cloned()
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&stream)
+            .cloned()
     }
 
     fn error(&self, stream: u32, msg: &str) {
@@ -74,8 +83,14 @@ impl Execs {
             Ok(fd) => fd,
             Err(e) => return self.error(stream, &format!("exec: eventfd: {e}")),
         };
-        let state = State { stdin: want_stdin.then(StdinQueue::default), ..State::default() };
-        let run = Arc::new(Running { wake, state: Mutex::new(state) });
+        let state = State {
+            stdin: want_stdin.then(StdinQueue::default),
+            ..State::default()
+        };
+        let run = Arc::new(Running {
+            wake,
+            state: Mutex::new(state),
+        });
         {
             let mut map = self.running.lock().unwrap_or_else(|e| e.into_inner());
             if map.contains_key(&stream) {
@@ -92,10 +107,16 @@ impl Execs {
                 if let Err(e) = me.run(stream, &run, &code) {
                     me.error(stream, &format!("exec: {e}"));
                 }
-                me.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&stream);
+                me.running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&stream);
             });
         if let Err(e) = spawned {
-            self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&stream);
+            self.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&stream);
             self.error(stream, &format!("exec: thread: {e}"));
         }
     }
@@ -148,7 +169,9 @@ impl Execs {
         } else {
             (None, None)
         };
-        let child_stdin = stdin_r.as_ref().map_or(self.devnull.as_raw_fd(), |fd| fd.as_raw_fd());
+        let child_stdin = stdin_r
+            .as_ref()
+            .map_or(self.devnull.as_raw_fd(), |fd| fd.as_raw_fd());
         let notify = run.clone();
         let pid = spawn::spawn(
             &Command {
@@ -210,10 +233,14 @@ impl Execs {
                 if let (Some(w), Some(q)) = (&stdin_w, st.stdin.as_mut()) {
                     if !q.pending.is_empty() {
                         // SAFETY: `pending` is valid readable memory of its length.
-                        let n = unsafe { libc::write(w.as_raw_fd(), q.pending.as_ptr().cast(), q.pending.len()) };
+                        let n = unsafe {
+                            libc::write(w.as_raw_fd(), q.pending.as_ptr().cast(), q.pending.len())
+                        };
                         if n > 0 {
                             q.pending.drain(..n as usize);
-                        } else if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+                        } else if n < 0
+                            && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock
+                        {
                             // The child closed its stdin: drop what it will never read.
                             q.pending.clear();
                             q.close = true;
@@ -271,5 +298,9 @@ fn drain_into(fd: RawFd, kind: Kind, stream: u32, buf: &mut [u8], out: &mut Vec<
 }
 
 fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
-    libc::pollfd { fd, events, revents: 0 }
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
 }

@@ -58,7 +58,10 @@ impl FrameReader {
             if avail[0] != MAGIC || avail[1] != PROTOCOL_VERSION || len > MAX_PAYLOAD {
                 // Not a header: resynchronise on the next magic byte.
                 self.dropped += 1;
-                let skip = avail[1..].iter().position(|&b| b == MAGIC).map_or(avail.len(), |p| p + 1);
+                let skip = avail[1..]
+                    .iter()
+                    .position(|&b| b == MAGIC)
+                    .map_or(avail.len(), |p| p + 1);
                 self.start += skip;
                 continue;
             }
@@ -71,7 +74,13 @@ impl FrameReader {
             let payload = avail[HEADER_LEN..total].to_vec();
             self.start += total;
             match Kind::from_u16(kind_raw) {
-                Some(kind) => return Some(InFrame { kind, stream, payload }),
+                Some(kind) => {
+                    return Some(InFrame {
+                        kind,
+                        stream,
+                        payload,
+                    })
+                }
                 // A newer host's message: skip it whole.
                 None => self.dropped += 1,
             }
@@ -102,7 +111,9 @@ pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
             _ => None,
         }
     }
-    s.chunks(2).map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?)).collect()
+    s.chunks(2)
+        .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
+        .collect()
 }
 
 #[cfg(test)]
@@ -118,7 +129,12 @@ mod tests {
     fn byte_at_a_time() {
         let mut wire = Vec::new();
         encode(&mut wire, Kind::Ping, 0, b"abc");
-        encode(&mut wire, Kind::Exec, 5, br#"{"language":"bash","code":"echo hi"}"#);
+        encode(
+            &mut wire,
+            Kind::Exec,
+            5,
+            br#"{"language":"bash","code":"echo hi"}"#,
+        );
         let mut r = FrameReader::new();
         let mut got = Vec::new();
         for b in &wire {
@@ -126,7 +142,14 @@ mod tests {
             got.extend(drain(&mut r));
         }
         assert_eq!(got.len(), 2);
-        assert_eq!(got[0], InFrame { kind: Kind::Ping, stream: 0, payload: b"abc".to_vec() });
+        assert_eq!(
+            got[0],
+            InFrame {
+                kind: Kind::Ping,
+                stream: 0,
+                payload: b"abc".to_vec()
+            }
+        );
         assert_eq!(got[1].stream, 5);
     }
 
@@ -134,14 +157,50 @@ mod tests {
     fn skips_unknown_kind_and_garbage() {
         let mut wire = vec![0u8, 1, 2, 0xF1, 7];
         // Unknown kind 999 with a 3-byte payload, skipped whole.
-        wire.extend_from_slice(&[MAGIC, PROTOCOL_VERSION, 0xE7, 0x03, 1, 0, 0, 0, 3, 0, 0, 0, 9, 9, 9]);
+        wire.extend_from_slice(&[
+            MAGIC,
+            PROTOCOL_VERSION,
+            0xE7,
+            0x03,
+            1,
+            0,
+            0,
+            0,
+            3,
+            0,
+            0,
+            0,
+            9,
+            9,
+            9,
+        ]);
         // A header claiming an absurd length is garbage too.
-        wire.extend_from_slice(&[MAGIC, PROTOCOL_VERSION, 6, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+        wire.extend_from_slice(&[
+            MAGIC,
+            PROTOCOL_VERSION,
+            6,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+        ]);
         encode(&mut wire, Kind::Cancel, 4, b"");
         let mut r = FrameReader::new();
         r.push(&wire);
         let got = drain(&mut r);
-        assert_eq!(got, vec![InFrame { kind: Kind::Cancel, stream: 4, payload: vec![] }]);
+        assert_eq!(
+            got,
+            vec![InFrame {
+                kind: Kind::Cancel,
+                stream: 4,
+                payload: vec![]
+            }]
+        );
         assert!(r.dropped >= 2);
     }
 
@@ -156,7 +215,13 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                *b = if x.is_multiple_of(5) { MAGIC } else if x.is_multiple_of(7) { PROTOCOL_VERSION } else { x as u8 };
+                *b = if x.is_multiple_of(5) {
+                    MAGIC
+                } else if x.is_multiple_of(7) {
+                    PROTOCOL_VERSION
+                } else {
+                    x as u8
+                };
             }
             r.push(&chunk);
             let _ = drain(&mut r);

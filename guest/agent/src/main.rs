@@ -35,8 +35,13 @@ const TEST_PORT_FD_ENV: &str = "PODFLARE_AGENT_TEST_PORT_FD";
 
 fn main() {
     let t0 = Instant::now();
-    std::panic::set_hook(Box::new(|info| console::line(&format!("podflare-agent: panic: {info}"))));
-    if let Some(fd) = std::env::var(TEST_PORT_FD_ENV).ok().and_then(|v| v.parse().ok()) {
+    std::panic::set_hook(Box::new(|info| {
+        console::line(&format!("podflare-agent: panic: {info}"))
+    }));
+    if let Some(fd) = std::env::var(TEST_PORT_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         serve_test_fd(fd);
     }
 
@@ -45,13 +50,18 @@ fn main() {
     boot::pseudo_filesystems();
     let flags = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     if let Err(e) = overlay {
-        console::line(&format!("podflare-agent: overlay root failed ({e}); running on the read-only base image"));
+        console::line(&format!(
+            "podflare-agent: overlay root failed ({e}); running on the read-only base image"
+        ));
     }
     let _ = sys::sethostname("sandbox");
     let lo = sys::loopback_up();
     let env = env::child_env(flags.pvm);
     if flags.debug {
-        console::line(&format!("podflare-agent: {flags:?} lo={lo:?} boot {:?}", t0.elapsed()));
+        console::line(&format!(
+            "podflare-agent: {flags:?} lo={lo:?} boot {:?}",
+            t0.elapsed()
+        ));
     }
 
     // 2. PID 1 duties: reap every process that ends up ours.
@@ -89,7 +99,10 @@ fn main() {
     let _ = ready_rx.recv();
     console::line("podflare-agent: ready");
     if flags.debug {
-        console::line(&format!("podflare-agent: ready after {:.2} s", t0.elapsed().as_secs_f64()));
+        console::line(&format!(
+            "podflare-agent: ready after {:.2} s",
+            t0.elapsed().as_secs_f64()
+        ));
     }
     // Announce ourselves unprompted (blocks until the host side is connected).
     let _ = port.send(podflare_proto::Kind::Ready, 0, &serve::ready_payload());
@@ -102,9 +115,16 @@ fn serve_test_fd(fd: std::os::fd::RawFd) -> ! {
     use std::os::fd::FromRawFd;
     spawn_named("reaper", || spawn::reap_forever());
     // SAFETY: the harness handed us this descriptor; nothing else owns it.
-    let port = Arc::new(port::Port::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }));
+    let port = Arc::new(port::Port::new(unsafe {
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    }));
     let execs = exec::Execs::new(port.clone(), env::child_env(false)).expect("/dev/null");
-    let server = serve::Server { port: port.clone(), execs, urandom: None, set_clock: false };
+    let server = serve::Server {
+        port: port.clone(),
+        execs,
+        urandom: None,
+        set_clock: false,
+    };
     let _ = port.send(podflare_proto::Kind::Ready, 0, &serve::ready_payload());
     server.serve()
 }
@@ -119,7 +139,9 @@ fn open_port() -> Arc<port::Port> {
             }
             std::thread::sleep(Duration::from_secs(1));
         } else if !warned {
-            console::line("podflare-agent: no /dev/vport*p0 (virtio console port 0); still waiting");
+            console::line(
+                "podflare-agent: no /dev/vport*p0 (virtio console port 0); still waiting",
+            );
             warned = true;
         }
     }
@@ -128,7 +150,11 @@ fn open_port() -> Arc<port::Port> {
 /// Starts a service thread. Failing to start one leaves the agent unable to
 /// serve; PID 1 must not exit, so it says so on the console and carries on.
 fn spawn_named<F: FnOnce() + Send + 'static>(name: &str, f: F) {
-    if let Err(e) = std::thread::Builder::new().name(name.into()).stack_size(256 << 10).spawn(f) {
+    if let Err(e) = std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(256 << 10)
+        .spawn(f)
+    {
         console::line(&format!("podflare-agent: cannot start thread {name}: {e}"));
     }
 }

@@ -24,7 +24,11 @@ pub fn find(port: u32, deadline: Duration) -> Option<String> {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
                 if let Some(rest) = name.strip_prefix("vport") {
-                    if rest.ends_with(&suffix) && rest[..rest.len() - suffix.len()].bytes().all(|b| b.is_ascii_digit()) {
+                    if rest.ends_with(&suffix)
+                        && rest[..rest.len() - suffix.len()]
+                            .bytes()
+                            .all(|b| b.is_ascii_digit())
+                    {
                         return Some(format!("/dev/{name}"));
                     }
                 }
@@ -50,7 +54,10 @@ pub struct Port {
 impl Port {
     /// Wraps an open port.
     pub fn new(fd: OwnedFd) -> Self {
-        Self { fd, write_lock: Mutex::new(()) }
+        Self {
+            fd,
+            write_lock: Mutex::new(()),
+        }
     }
 
     /// Reads what the driver has (at most one 4 KiB buffer per call).

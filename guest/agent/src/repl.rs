@@ -19,7 +19,11 @@ const WARMUP_FILE: &str = "/etc/podflare/warmup";
 pub fn supervise(mut env: Vec<String>, ready: mpsc::Sender<()>) -> ! {
     env.push("PODFLARE_READY_FD=3".into());
     if let Ok(list) = std::fs::read_to_string(WARMUP_FILE) {
-        let list = list.split([',', ' ', '\n', '\t']).filter(|m| !m.is_empty()).collect::<Vec<_>>().join(",");
+        let list = list
+            .split([',', ' ', '\n', '\t'])
+            .filter(|m| !m.is_empty())
+            .collect::<Vec<_>>()
+            .join(",");
         if !list.is_empty() {
             env.push(format!("PODFLARE_WARMUP={list}"));
         }
@@ -29,14 +33,20 @@ pub fn supervise(mut env: Vec<String>, ready: mpsc::Sender<()>) -> ! {
         let started = Instant::now();
         match run_once(&env, &ready) {
             Ok((true, _)) => {}
-            Ok((false, code)) => {
-                console::line(&format!("podflare-agent: python REPL exited with status {code} before it was ready"))
-            }
-            Err(e) => console::line(&format!("podflare-agent: cannot start the python REPL: {e}")),
+            Ok((false, code)) => console::line(&format!(
+                "podflare-agent: python REPL exited with status {code} before it was ready"
+            )),
+            Err(e) => console::line(&format!(
+                "podflare-agent: cannot start the python REPL: {e}"
+            )),
         }
         // Back off when it keeps dying young, so a broken image does not spend
         // the (emulated, slow) guest kernel on restarts.
-        quick_deaths = if started.elapsed() < Duration::from_secs(30) { quick_deaths.saturating_add(1) } else { 0 };
+        quick_deaths = if started.elapsed() < Duration::from_secs(30) {
+            quick_deaths.saturating_add(1)
+        } else {
+            0
+        };
         std::thread::sleep(Duration::from_secs(u64::from(quick_deaths.min(5)).pow(2)));
     }
 }
@@ -54,7 +64,12 @@ fn run_once(env: &[String], ready: &mpsc::Sender<()>) -> std::io::Result<(bool, 
             cwd: "/root",
             // stderr stays the console until the REPL swaps in its own pipe,
             // so a REPL that cannot start leaves its traceback on the console.
-            fds: &[devnull.as_raw_fd(), devnull.as_raw_fd(), 2, ready_w.as_raw_fd()],
+            fds: &[
+                devnull.as_raw_fd(),
+                devnull.as_raw_fd(),
+                2,
+                ready_w.as_raw_fd(),
+            ],
             new_group: true,
         },
         Box::new(move |code| {

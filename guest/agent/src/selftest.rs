@@ -35,7 +35,12 @@ fn capture(program: &str, args: &[&str], env: &[String]) -> io::Result<(String, 
         out.extend_from_slice(&buf[..n]);
     }
     let code = rx.recv().unwrap_or(-1);
-    Ok((String::from_utf8_lossy(&out).trim_end().replace('\n', " | "), code))
+    Ok((
+        String::from_utf8_lossy(&out)
+            .trim_end()
+            .replace('\n', " | "),
+        code,
+    ))
 }
 
 /// Starts the REPL on one end of a socket pair (instead of its virtio port),
@@ -44,7 +49,15 @@ fn capture(program: &str, args: &[&str], env: &[String]) -> io::Result<(String, 
 fn repl_roundtrip(env: &[String]) -> io::Result<(String, i32, Duration, Vec<Duration>)> {
     let mut sv = [0 as libc::c_int; 2];
     // SAFETY: `sv` has room for the two descriptors socketpair writes.
-    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) } != 0 {
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            sv.as_mut_ptr(),
+        )
+    } != 0
+    {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: both descriptors were just created and are owned by nobody else.
@@ -61,7 +74,13 @@ fn repl_roundtrip(env: &[String]) -> io::Result<(String, i32, Duration, Vec<Dura
             args: &["python3", "-u", crate::repl::REPL_PATH],
             env: &env,
             cwd: "/root",
-            fds: &[devnull.as_raw_fd(), devnull.as_raw_fd(), 2, ready_w.as_raw_fd(), theirs.as_raw_fd()],
+            fds: &[
+                devnull.as_raw_fd(),
+                devnull.as_raw_fd(),
+                2,
+                ready_w.as_raw_fd(),
+                theirs.as_raw_fd(),
+            ],
             new_group: true,
         },
         Box::new(|_| {}),
@@ -92,13 +111,20 @@ fn repl_roundtrip(env: &[String]) -> io::Result<(String, i32, Duration, Vec<Dura
     for stream in 1..=3 {
         let t = Instant::now();
         let mut wire = Vec::new();
-        encode(&mut wire, Kind::Exec, stream, br#"{"language":"python","code":"print(6*7)"}"#);
+        encode(
+            &mut wire,
+            Kind::Exec,
+            stream,
+            br#"{"language":"python","code":"print(6*7)"}"#,
+        );
         sys::write_all(ours.as_raw_fd(), &wire)?;
         let mut out = Vec::new();
         let code = loop {
             let f = next(&mut reader)?;
             match f.kind {
-                Kind::Stdout | Kind::Stderr if f.stream == stream => out.extend_from_slice(&f.payload),
+                Kind::Stdout | Kind::Stderr if f.stream == stream => {
+                    out.extend_from_slice(&f.payload)
+                }
                 Kind::Exit if f.stream == stream => break exit_code(&f.payload),
                 _ => {}
             }
@@ -108,14 +134,26 @@ fn repl_roundtrip(env: &[String]) -> io::Result<(String, i32, Duration, Vec<Dura
     sys::kill_group(pid, libc::SIGKILL);
     let (out, code, _) = &results[0];
     let times = results.iter().map(|r| r.2).collect();
-    Ok((String::from_utf8_lossy(out).trim_end().replace('\n', " | "), *code, to_ready, times))
+    Ok((
+        String::from_utf8_lossy(out).trim_end().replace('\n', " | "),
+        *code,
+        to_ready,
+        times,
+    ))
 }
 
 /// Runs the selftest, prints its lines, powers off.
 pub fn run(env: &[String], boot: Instant) -> ! {
-    console::line(&format!("podflare-selftest: userspace up after {:.1} s", boot.elapsed().as_secs_f64()));
+    console::line(&format!(
+        "podflare-selftest: userspace up after {:.1} s",
+        boot.elapsed().as_secs_f64()
+    ));
     let cases: [(&str, &str, &[&str]); 2] = [
-        ("python", "/usr/bin/python3", &["python3", "-c", "print(6*7)"]),
+        (
+            "python",
+            "/usr/bin/python3",
+            &["python3", "-c", "print(6*7)"],
+        ),
         ("bash", "/bin/bash", &["bash", "-c", "echo hi"]),
     ];
     for (name, program, args) in cases {
@@ -134,24 +172,37 @@ pub fn run(env: &[String], boot: Instant) -> ! {
     // Images with warm-up modules (python-datasci): they must import
     // cleanly, with no warning, under this environment (PVM masks included).
     if let Ok(list) = std::fs::read_to_string("/etc/podflare/warmup") {
-        let modules = list.split([',', ' ', '\n']).filter(|m| !m.is_empty()).collect::<Vec<_>>().join(", ");
+        let modules = list
+            .split([',', ' ', '\n'])
+            .filter(|m| !m.is_empty())
+            .collect::<Vec<_>>()
+            .join(", ");
         let code = format!("import {modules}; print('ok')");
         let t = Instant::now();
         match capture("/usr/bin/python3", &["python3", "-c", &code], env) {
             Ok((out, code)) => {
                 console::line(&format!("podflare-selftest: warmup: {out}"));
-                console::line(&format!("podflare-selftest: warmup exit {code} in {:.2} s", t.elapsed().as_secs_f64()));
+                console::line(&format!(
+                    "podflare-selftest: warmup exit {code} in {:.2} s",
+                    t.elapsed().as_secs_f64()
+                ));
             }
             Err(e) => console::line(&format!("podflare-selftest: warmup: spawn failed: {e}")),
         }
     }
-    if let Some(npy) = env.iter().find(|v| v.starts_with("NPY_DISABLE_CPU_FEATURES=")) {
+    if let Some(npy) = env
+        .iter()
+        .find(|v| v.starts_with("NPY_DISABLE_CPU_FEATURES="))
+    {
         console::line(&format!("podflare-selftest: env {npy}"));
     }
     match repl_roundtrip(env) {
         Ok((out, code, ready, rts)) => {
             console::line(&format!("podflare-selftest: repl: {out}"));
-            let rts: Vec<String> = rts.iter().map(|d| format!("{:.1}", d.as_secs_f64() * 1e3)).collect();
+            let rts: Vec<String> = rts
+                .iter()
+                .map(|d| format!("{:.1}", d.as_secs_f64() * 1e3))
+                .collect();
             console::line(&format!(
                 "podflare-selftest: repl exit {code}, ready in {:.2} s, exec round trips {} ms",
                 ready.as_secs_f64(),

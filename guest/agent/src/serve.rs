@@ -32,9 +32,16 @@ pub struct ExecArgs {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
     /// Set the clock, credit entropy, answer Ready.
-    Hello { wall_clock_ns: u64, entropy: Vec<u8> },
+    Hello {
+        wall_clock_ns: u64,
+        entropy: Vec<u8>,
+    },
     /// Start a bash exec.
-    Exec { stream: u32, code: String, stdin: bool },
+    Exec {
+        stream: u32,
+        code: String,
+        stdin: bool,
+    },
     /// Feed stdin.
     Stdin { stream: u32, data: Vec<u8> },
     /// Close stdin.
@@ -42,7 +49,11 @@ pub enum Action {
     /// Kill the stream's process group.
     Cancel { stream: u32 },
     /// Send a frame back (Pong, Error).
-    Reply { kind: Kind, stream: u32, payload: Vec<u8> },
+    Reply {
+        kind: Kind,
+        stream: u32,
+        payload: Vec<u8>,
+    },
     /// Nothing to do (guest-to-host kinds echoed back, and the like).
     Ignore,
 }
@@ -55,11 +66,25 @@ pub fn classify(f: InFrame) -> Action {
             let hello: Hello = serde_json::from_slice(&f.payload).unwrap_or_default();
             let mut entropy = decode_hex(&hello.entropy_hex).unwrap_or_default();
             entropy.truncate(MAX_ENTROPY_BYTES);
-            Action::Hello { wall_clock_ns: hello.wall_clock_ns, entropy }
+            Action::Hello {
+                wall_clock_ns: hello.wall_clock_ns,
+                entropy,
+            }
         }
         Kind::Exec => match serde_json::from_slice::<ExecArgs>(&f.payload) {
-            Ok(ExecArgs { language: Language::Bash, code, stdin }) => Action::Exec { stream: f.stream, code, stdin },
-            Ok(ExecArgs { language: Language::Python, .. }) => Action::Reply {
+            Ok(ExecArgs {
+                language: Language::Bash,
+                code,
+                stdin,
+            }) => Action::Exec {
+                stream: f.stream,
+                code,
+                stdin,
+            },
+            Ok(ExecArgs {
+                language: Language::Python,
+                ..
+            }) => Action::Reply {
                 kind: Kind::Error,
                 stream: f.stream,
                 payload: b"python execs are served by the REPL on port 1".to_vec(),
@@ -70,18 +95,31 @@ pub fn classify(f: InFrame) -> Action {
                 payload: format!("malformed exec request: {e}").into_bytes(),
             },
         },
-        Kind::Stdin => Action::Stdin { stream: f.stream, data: f.payload },
+        Kind::Stdin => Action::Stdin {
+            stream: f.stream,
+            data: f.payload,
+        },
         Kind::CloseStdin => Action::CloseStdin { stream: f.stream },
         Kind::Cancel => Action::Cancel { stream: f.stream },
-        Kind::Ping => Action::Reply { kind: Kind::Pong, stream: f.stream, payload: f.payload },
-        Kind::Ready | Kind::Stdout | Kind::Stderr | Kind::Exit | Kind::Error | Kind::Pong => Action::Ignore,
+        Kind::Ping => Action::Reply {
+            kind: Kind::Pong,
+            stream: f.stream,
+            payload: f.payload,
+        },
+        Kind::Ready | Kind::Stdout | Kind::Stderr | Kind::Exit | Kind::Error | Kind::Pong => {
+            Action::Ignore
+        }
     }
 }
 
 /// The agent's Ready payload.
 pub fn ready_payload() -> Vec<u8> {
-    serde_json::to_vec(&Ready { protocol: PROTOCOL_VERSION, role: "agent".into(), version: env!("CARGO_PKG_VERSION").into() })
-        .unwrap_or_default()
+    serde_json::to_vec(&Ready {
+        protocol: PROTOCOL_VERSION,
+        role: "agent".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+    .unwrap_or_default()
 }
 
 /// Port 0 service state.
@@ -125,7 +163,10 @@ impl Server {
 
     fn act(&self, action: Action) {
         match action {
-            Action::Hello { wall_clock_ns, entropy } => {
+            Action::Hello {
+                wall_clock_ns,
+                entropy,
+            } => {
                 if wall_clock_ns > 0 && self.set_clock {
                     let _ = sys::set_realtime(wall_clock_ns);
                 }
@@ -134,11 +175,19 @@ impl Server {
                 }
                 let _ = self.port.send(Kind::Ready, 0, &ready_payload());
             }
-            Action::Exec { stream, code, stdin } => self.execs.start(stream, code, stdin),
+            Action::Exec {
+                stream,
+                code,
+                stdin,
+            } => self.execs.start(stream, code, stdin),
             Action::Stdin { stream, data } => self.execs.stdin(stream, &data),
             Action::CloseStdin { stream } => self.execs.close_stdin(stream),
             Action::Cancel { stream } => self.execs.cancel(stream),
-            Action::Reply { kind, stream, payload } => {
+            Action::Reply {
+                kind,
+                stream,
+                payload,
+            } => {
                 let _ = self.port.send(kind, stream, &payload);
             }
             Action::Ignore => {}
@@ -151,21 +200,54 @@ mod tests {
     use super::*;
 
     fn frame(kind: Kind, stream: u32, payload: &[u8]) -> InFrame {
-        InFrame { kind, stream, payload: payload.to_vec() }
+        InFrame {
+            kind,
+            stream,
+            payload: payload.to_vec(),
+        }
     }
 
     #[test]
     fn hello_decodes_clock_and_entropy() {
-        let a = classify(frame(Kind::Hello, 0, br#"{"wall_clock_ns":1700000000000000000,"entropy_hex":"00ff10"}"#));
-        assert_eq!(a, Action::Hello { wall_clock_ns: 1_700_000_000_000_000_000, entropy: vec![0, 255, 16] });
+        let a = classify(frame(
+            Kind::Hello,
+            0,
+            br#"{"wall_clock_ns":1700000000000000000,"entropy_hex":"00ff10"}"#,
+        ));
+        assert_eq!(
+            a,
+            Action::Hello {
+                wall_clock_ns: 1_700_000_000_000_000_000,
+                entropy: vec![0, 255, 16]
+            }
+        );
     }
 
     #[test]
     fn bad_hello_still_answers() {
-        assert_eq!(classify(frame(Kind::Hello, 0, b"\xff not json")), Action::Hello { wall_clock_ns: 0, entropy: vec![] });
-        let a = classify(frame(Kind::Hello, 0, br#"{"wall_clock_ns":5,"entropy_hex":"xyz"}"#));
-        assert_eq!(a, Action::Hello { wall_clock_ns: 5, entropy: vec![] });
-        let huge = format!(r#"{{"wall_clock_ns":1,"entropy_hex":"{}"}}"#, "ab".repeat(10_000));
+        assert_eq!(
+            classify(frame(Kind::Hello, 0, b"\xff not json")),
+            Action::Hello {
+                wall_clock_ns: 0,
+                entropy: vec![]
+            }
+        );
+        let a = classify(frame(
+            Kind::Hello,
+            0,
+            br#"{"wall_clock_ns":5,"entropy_hex":"xyz"}"#,
+        ));
+        assert_eq!(
+            a,
+            Action::Hello {
+                wall_clock_ns: 5,
+                entropy: vec![]
+            }
+        );
+        let huge = format!(
+            r#"{{"wall_clock_ns":1,"entropy_hex":"{}"}}"#,
+            "ab".repeat(10_000)
+        );
         match classify(frame(Kind::Hello, 0, huge.as_bytes())) {
             Action::Hello { entropy, .. } => assert_eq!(entropy.len(), MAX_ENTROPY_BYTES),
             other => panic!("{other:?}"),
@@ -175,16 +257,40 @@ mod tests {
     #[test]
     fn exec_bash_python_and_garbage() {
         assert_eq!(
-            classify(frame(Kind::Exec, 3, br#"{"language":"bash","code":"echo hi","future_field":1}"#)),
-            Action::Exec { stream: 3, code: "echo hi".into(), stdin: false }
+            classify(frame(
+                Kind::Exec,
+                3,
+                br#"{"language":"bash","code":"echo hi","future_field":1}"#
+            )),
+            Action::Exec {
+                stream: 3,
+                code: "echo hi".into(),
+                stdin: false
+            }
         );
         assert_eq!(
-            classify(frame(Kind::Exec, 3, br#"{"language":"bash","code":"cat","stdin":true}"#)),
-            Action::Exec { stream: 3, code: "cat".into(), stdin: true }
+            classify(frame(
+                Kind::Exec,
+                3,
+                br#"{"language":"bash","code":"cat","stdin":true}"#
+            )),
+            Action::Exec {
+                stream: 3,
+                code: "cat".into(),
+                stdin: true
+            }
         );
-        for bad in [&br#"{"language":"python","code":"1"}"#[..], b"{", br#"{"language":"cobol","code":""}"#] {
+        for bad in [
+            &br#"{"language":"python","code":"1"}"#[..],
+            b"{",
+            br#"{"language":"cobol","code":""}"#,
+        ] {
             match classify(frame(Kind::Exec, 9, bad)) {
-                Action::Reply { kind: Kind::Error, stream: 9, .. } => {}
+                Action::Reply {
+                    kind: Kind::Error,
+                    stream: 9,
+                    ..
+                } => {}
                 other => panic!("{other:?}"),
             }
         }
@@ -194,10 +300,17 @@ mod tests {
     fn ping_pongs_and_guest_kinds_are_ignored() {
         assert_eq!(
             classify(frame(Kind::Ping, 7, b"x")),
-            Action::Reply { kind: Kind::Pong, stream: 7, payload: b"x".to_vec() }
+            Action::Reply {
+                kind: Kind::Pong,
+                stream: 7,
+                payload: b"x".to_vec()
+            }
         );
         assert_eq!(classify(frame(Kind::Stdout, 1, b"x")), Action::Ignore);
-        assert_eq!(classify(frame(Kind::Cancel, 2, b"")), Action::Cancel { stream: 2 });
+        assert_eq!(
+            classify(frame(Kind::Cancel, 2, b"")),
+            Action::Cancel { stream: 2 }
+        );
     }
 
     #[test]

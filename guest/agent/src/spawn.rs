@@ -26,7 +26,10 @@ struct Table {
 
 fn table() -> &'static Table {
     static T: OnceLock<Table> = OnceLock::new();
-    T.get_or_init(|| Table { owners: Mutex::new(HashMap::new()), spawned: Condvar::new() })
+    T.get_or_init(|| Table {
+        owners: Mutex::new(HashMap::new()),
+        spawned: Condvar::new(),
+    })
 }
 
 /// What to start.
@@ -48,7 +51,10 @@ pub struct Command<'a> {
 fn cstrings<'a>(items: impl IntoIterator<Item = &'a str>) -> io::Result<Vec<CString>> {
     items
         .into_iter()
-        .map(|s| CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in argument")))
+        .map(|s| {
+            CString::new(s)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in argument"))
+        })
         .collect()
 }
 
@@ -70,7 +76,8 @@ pub fn spawn(cmd: &Command<'_>, on_exit: OnExit) -> io::Result<libc::pid_t> {
     for (target, src) in sources.iter_mut().enumerate() {
         if (*src as usize) < cmd.fds.len() && *src as usize != target {
             // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open; the copy is owned here.
-            let copy = unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, cmd.fds.len() as libc::c_int) };
+            let copy =
+                unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, cmd.fds.len() as libc::c_int) };
             if copy < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -110,7 +117,14 @@ pub fn spawn(cmd: &Command<'_>, on_exit: OnExit) -> io::Result<libc::pid_t> {
         libc::sigemptyset(&mut mask);
         libc::posix_spawnattr_setsigmask(&mut attr, &mask);
         libc::posix_spawnattr_setflags(&mut attr, flags as libc::c_short);
-        let rc = libc::posix_spawn(&mut pid, program.as_ptr(), &fa, &attr, argv.as_ptr(), envp.as_ptr());
+        let rc = libc::posix_spawn(
+            &mut pid,
+            program.as_ptr(),
+            &fa,
+            &attr,
+            argv.as_ptr(),
+            envp.as_ptr(),
+        );
         libc::posix_spawn_file_actions_destroy(&mut fa);
         libc::posix_spawnattr_destroy(&mut attr);
         rc
@@ -147,12 +161,18 @@ pub fn reap_forever() -> ! {
             if io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
                 // No children at all: sleep until the next spawn.
                 let owners = t.owners.lock().unwrap_or_else(|e| e.into_inner());
-                let _ = t.spawned.wait_timeout(owners, std::time::Duration::from_secs(5));
+                let _ = t
+                    .spawned
+                    .wait_timeout(owners, std::time::Duration::from_secs(5));
             }
             continue;
         }
         // Taking the lock waits out a spawn in progress, whose pid may be this one.
-        let owner = t.owners.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
+        let owner = t
+            .owners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
         if let Some(on_exit) = owner {
             on_exit(exit_code(status));
         }

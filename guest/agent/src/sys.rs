@@ -18,10 +18,24 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// `mount(2)`; `data` is the filesystem's option string.
-pub fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+pub fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
     let (src, target, fstype, data) = (cstr(src)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
     // SAFETY: all pointers are NUL-terminated strings that outlive the call.
-    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast()) };
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
     check(rc).map(drop)
 }
 
@@ -29,7 +43,15 @@ pub fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: 
 pub fn move_mount(from: &str, to: &str) -> io::Result<()> {
     let (from, to) = (cstr(from)?, cstr(to)?);
     // SAFETY: NUL-terminated strings that outlive the call; fstype/data may be NULL for MS_MOVE.
-    let rc = unsafe { libc::mount(from.as_ptr(), to.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        )
+    };
     check(rc).map(drop)
 }
 
@@ -155,7 +177,10 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usi
 
 /// Sets the wall clock.
 pub fn set_realtime(ns: u64) -> io::Result<()> {
-    let ts = libc::timespec { tv_sec: (ns / 1_000_000_000) as libc::time_t, tv_nsec: (ns % 1_000_000_000) as libc::c_long };
+    let ts = libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
     // SAFETY: `ts` is a valid timespec for the call.
     check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(drop)
 }
@@ -182,7 +207,8 @@ pub fn add_entropy(urandom: &OwnedFd, bytes: &[u8]) -> io::Result<()> {
 /// Brings up the loopback interface (best effort: one socket + two ioctls).
 pub fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket creation; the fd is owned below.
-    let s = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let s =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `s` was just created and is owned by nobody else.
     let sock = unsafe { OwnedFd::from_raw_fd(s) };
     // SAFETY: ifreq is plain old data; all-zero is a valid value.

@@ -22,7 +22,8 @@ impl Agent {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_podflare-agent"));
-        cmd.env("PODFLARE_AGENT_TEST_PORT_FD", "3").stdin(Stdio::null());
+        cmd.env("PODFLARE_AGENT_TEST_PORT_FD", "3")
+            .stdin(Stdio::null());
         // SAFETY: only dup2 (async-signal-safe) runs between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -34,8 +35,13 @@ impl Agent {
         }
         let child = cmd.spawn().unwrap();
         drop(theirs);
-        ours.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut a = Agent { child, sock: ours, dec: Decoder::new() };
+        ours.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut a = Agent {
+            child,
+            sock: ours,
+            dec: Decoder::new(),
+        };
         let ready = a.next();
         assert_eq!(ready.kind, Kind::Ready);
         let v: serde_json::Value = serde_json::from_slice(&ready.payload).unwrap();
@@ -51,11 +57,18 @@ impl Agent {
 
     fn next(&mut self) -> Frame {
         loop {
-            if let Some(f) = self.dec.next_frame().expect("the agent sent a malformed frame") {
+            if let Some(f) = self
+                .dec
+                .next_frame()
+                .expect("the agent sent a malformed frame")
+            {
                 return f;
             }
             let mut buf = [0u8; 65536];
-            let n = self.sock.read(&mut buf).expect("read from the agent (timed out?)");
+            let n = self
+                .sock
+                .read(&mut buf)
+                .expect("read from the agent (timed out?)");
             assert!(n > 0, "the agent closed its port");
             self.dec.push(&buf[..n]);
         }
@@ -72,17 +85,29 @@ impl Agent {
         let mut res: Vec<(Vec<u8>, Vec<u8>, Option<i32>)> = vec![Default::default(); streams.len()];
         while res.iter().any(|r| r.2.is_none()) {
             let f = self.next();
-            let i = streams.iter().position(|&s| s == f.stream).unwrap_or_else(|| panic!("stray frame {f:?}"));
+            let i = streams
+                .iter()
+                .position(|&s| s == f.stream)
+                .unwrap_or_else(|| panic!("stray frame {f:?}"));
             assert!(res[i].2.is_none(), "frame after Exit: {f:?}");
             match f.kind {
                 Kind::Stdout => res[i].0.extend_from_slice(&f.payload),
                 Kind::Stderr => res[i].1.extend_from_slice(&f.payload),
                 Kind::Exit => res[i].2 = Some(exit_code(&f.payload)),
-                other => panic!("unexpected {other:?}: {}", String::from_utf8_lossy(&f.payload)),
+                other => panic!(
+                    "unexpected {other:?}: {}",
+                    String::from_utf8_lossy(&f.payload)
+                ),
             }
         }
         res.into_iter()
-            .map(|(o, e, c)| (String::from_utf8_lossy(&o).into_owned(), String::from_utf8_lossy(&e).into_owned(), c.unwrap()))
+            .map(|(o, e, c)| {
+                (
+                    String::from_utf8_lossy(&o).into_owned(),
+                    String::from_utf8_lossy(&e).into_owned(),
+                    c.unwrap(),
+                )
+            })
             .collect()
     }
 
@@ -103,8 +128,14 @@ impl Drop for Agent {
 fn bash_exec_output_and_status() {
     let mut a = Agent::start();
     assert_eq!(a.run(1, "echo hi"), ("hi\n".into(), String::new(), 0));
-    assert_eq!(a.run(2, "echo oops >&2; exit 3"), (String::new(), "oops\n".into(), 3));
-    assert_eq!(a.run(3, "pwd; echo $HOME; echo $TERM").0, "/root\n/root\nxterm\n");
+    assert_eq!(
+        a.run(2, "echo oops >&2; exit 3"),
+        (String::new(), "oops\n".into(), 3)
+    );
+    assert_eq!(
+        a.run(3, "pwd; echo $HOME; echo $TERM").0,
+        "/root\n/root\nxterm\n"
+    );
     // A signal death reports 128 + signal.
     assert_eq!(a.run(4, "kill -9 $$").2, 137);
     // stdin is /dev/null unless asked for: a reader ends at once.
@@ -122,7 +153,10 @@ fn background_process_does_not_hold_exit() {
     let t = Instant::now();
     let (out, _, code) = a.run(1, "sleep 30 & echo started");
     assert_eq!((out.as_str(), code), ("started\n", 0));
-    assert!(t.elapsed() < Duration::from_secs(10), "Exit waited for the background job");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "Exit waited for the background job"
+    );
 }
 
 #[test]
@@ -133,7 +167,11 @@ fn execs_run_concurrently_and_cancel_kills_the_group() {
         a.bash(s, &format!("sleep 1; echo {s}"));
     }
     let res = a.wait_all(&[1, 2, 3]);
-    assert!(t.elapsed() < Duration::from_millis(2800), "execs ran one after another: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2800),
+        "execs ran one after another: {:?}",
+        t.elapsed()
+    );
     for (i, r) in res.iter().enumerate() {
         assert_eq!(r, &(format!("{}\n", i + 1), String::new(), 0));
     }
@@ -155,7 +193,10 @@ fn stdin_when_asked_for() {
     a.send(Kind::Stdin, 1, b"hello ");
     a.send(Kind::Stdin, 1, b"world\n");
     a.send(Kind::CloseStdin, 1, b"");
-    assert_eq!(a.wait_all(&[1]).remove(0), ("HELLO WORLD\n".into(), String::new(), 0));
+    assert_eq!(
+        a.wait_all(&[1]).remove(0),
+        ("HELLO WORLD\n".into(), String::new(), 0)
+    );
 }
 
 #[test]
@@ -163,12 +204,17 @@ fn control_frames_and_bad_input() {
     let mut a = Agent::start();
     a.send(Kind::Ping, 5, b"xyz");
     let f = a.next();
-    assert_eq!((f.kind, f.stream, f.payload.as_slice()), (Kind::Pong, 5, &b"xyz"[..]));
+    assert_eq!(
+        (f.kind, f.stream, f.payload.as_slice()),
+        (Kind::Pong, 5, &b"xyz"[..])
+    );
     a.send(Kind::Hello, 0, br#"{"wall_clock_ns":0,"entropy_hex":""}"#);
     assert_eq!(a.next().kind, Kind::Ready);
     // Garbage, an unknown kind, bad JSON, python on the agent's port.
     a.sock.write_all(&[1, 2, 3, 0xF1, 0xF1, 9]).unwrap();
-    a.sock.write_all(&[0xF1, 1, 0xE7, 0x03, 1, 0, 0, 0, 2, 0, 0, 0, 7, 7]).unwrap();
+    a.sock
+        .write_all(&[0xF1, 1, 0xE7, 0x03, 1, 0, 0, 0, 2, 0, 0, 0, 7, 7])
+        .unwrap();
     a.send(Kind::Exec, 6, b"{");
     assert_eq!((a.next().kind, 6), (Kind::Error, 6));
     a.send(Kind::Exec, 7, br#"{"language":"python","code":"1"}"#);

@@ -37,10 +37,17 @@ impl Repl {
                 Ok(())
             });
         }
-        let child = cmd.spawn().expect("python3 must be installed to test the REPL");
+        let child = cmd
+            .spawn()
+            .expect("python3 must be installed to test the REPL");
         drop(theirs);
-        ours.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut r = Repl { child, sock: ours, dec: Decoder::new() };
+        ours.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut r = Repl {
+            child,
+            sock: ours,
+            dec: Decoder::new(),
+        };
         let ready = r.next();
         assert_eq!(ready.kind, Kind::Ready);
         let v: serde_json::Value = serde_json::from_slice(&ready.payload).unwrap();
@@ -57,11 +64,18 @@ impl Repl {
 
     fn next(&mut self) -> Frame {
         loop {
-            if let Some(f) = self.dec.next_frame().expect("the REPL sent a malformed frame") {
+            if let Some(f) = self
+                .dec
+                .next_frame()
+                .expect("the REPL sent a malformed frame")
+            {
                 return f;
             }
             let mut buf = [0u8; 65536];
-            let n = self.sock.read(&mut buf).expect("read from the REPL (timed out?)");
+            let n = self
+                .sock
+                .read(&mut buf)
+                .expect("read from the REPL (timed out?)");
             assert!(n > 0, "the REPL closed its port");
             self.dec.push(&buf[..n]);
         }
@@ -81,7 +95,13 @@ impl Repl {
             match f.kind {
                 Kind::Stdout => out.extend_from_slice(&f.payload),
                 Kind::Stderr => err.extend_from_slice(&f.payload),
-                Kind::Exit => return (out, String::from_utf8_lossy(&err).into_owned(), exit_code(&f.payload)),
+                Kind::Exit => {
+                    return (
+                        out,
+                        String::from_utf8_lossy(&err).into_owned(),
+                        exit_code(&f.payload),
+                    )
+                }
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -106,17 +126,33 @@ fn print_state_and_errors() {
     let mut r = Repl::start();
     assert_eq!(r.exec(1, "print(6*7)"), ("42\n".into(), String::new(), 0));
     // Plain exec: no echo of a last expression.
-    assert_eq!(r.exec(2, "x = 41\nx + 1"), (String::new(), String::new(), 0));
+    assert_eq!(
+        r.exec(2, "x = 41\nx + 1"),
+        (String::new(), String::new(), 0)
+    );
     assert_eq!(r.exec(3, "x += 1; print(x, __name__)").0, "42 __main__\n");
-    assert_eq!(r.exec(4, "import os; os.chdir('/'); f = open('/dev/null')").2, 0);
+    assert_eq!(
+        r.exec(4, "import os; os.chdir('/'); f = open('/dev/null')")
+            .2,
+        0
+    );
     assert_eq!(r.exec(5, "print(os.getcwd(), f.closed)").0, "/ False\n");
 
     let (_, err, code) = r.exec(6, "def f():\n    return 1/0\nf()");
     assert_eq!(code, 1);
-    assert!(err.starts_with("Traceback (most recent call last):\n  File \"<exec>\""), "{err}");
+    assert!(
+        err.starts_with("Traceback (most recent call last):\n  File \"<exec>\""),
+        "{err}"
+    );
     assert!(err.contains("return 1/0"), "{err}");
-    assert!(err.ends_with("ZeroDivisionError: division by zero\n"), "{err}");
-    assert!(!err.contains("repl.py"), "REPL frames leak into tracebacks: {err}");
+    assert!(
+        err.ends_with("ZeroDivisionError: division by zero\n"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("repl.py"),
+        "REPL frames leak into tracebacks: {err}"
+    );
 
     let (_, err, code) = r.exec(7, "def broken(:\n  pass");
     assert_eq!(code, 1);
@@ -124,7 +160,10 @@ fn print_state_and_errors() {
 
     assert_eq!(r.exec(8, "raise SystemExit").2, 0);
     assert_eq!(r.exec(9, "raise SystemExit(3)").2, 3);
-    assert_eq!(r.exec(10, "import sys; sys.exit('bye')"), (String::new(), "bye\n".into(), 1));
+    assert_eq!(
+        r.exec(10, "import sys; sys.exit('bye')"),
+        (String::new(), "bye\n".into(), 1)
+    );
     assert_eq!(r.exec(11, "raise KeyboardInterrupt").2, 130);
     // The REPL survived all of it, with its state.
     assert_eq!(r.exec(12, "print(x)").0, "42\n");
@@ -145,11 +184,21 @@ fn output_of_child_processes_precedes_exit() {
 #[test]
 fn output_streams_while_code_runs() {
     let mut r = Repl::start();
-    r.exec_async(1, "import time\nprint('early')\ntime.sleep(1.5)\nprint('late')");
+    r.exec_async(
+        1,
+        "import time\nprint('early')\ntime.sleep(1.5)\nprint('late')",
+    );
     let t = Instant::now();
     let f = r.next();
-    assert_eq!((f.kind, f.payload.as_slice()), (Kind::Stdout, &b"early\n"[..]));
-    assert!(t.elapsed() < Duration::from_millis(800), "first output after {:?}", t.elapsed());
+    assert_eq!(
+        (f.kind, f.payload.as_slice()),
+        (Kind::Stdout, &b"early\n"[..])
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(800),
+        "first output after {:?}",
+        t.elapsed()
+    );
     let (out, _, code) = r.wait(1);
     assert_eq!((out.as_slice(), code), (&b"late\n"[..], 0));
 }
@@ -184,7 +233,11 @@ fn cancel_running_and_queued() {
 fn hello_reseeds_random_and_ping_pongs() {
     let mut r = Repl::start();
     let draw = |r: &mut Repl, entropy: &str, stream: u32| {
-        r.send(Kind::Hello, 0, format!(r#"{{"wall_clock_ns":1,"entropy_hex":"{entropy}"}}"#).as_bytes());
+        r.send(
+            Kind::Hello,
+            0,
+            format!(r#"{{"wall_clock_ns":1,"entropy_hex":"{entropy}"}}"#).as_bytes(),
+        );
         assert_eq!(r.next().kind, Kind::Ready);
         r.exec(stream, "import random; print(random.random())").0
     };
@@ -195,7 +248,10 @@ fn hello_reseeds_random_and_ping_pongs() {
     assert_ne!(a, c);
     r.send(Kind::Ping, 9, b"abc");
     let f = r.next();
-    assert_eq!((f.kind, f.stream, f.payload.as_slice()), (Kind::Pong, 9, &b"abc"[..]));
+    assert_eq!(
+        (f.kind, f.stream, f.payload.as_slice()),
+        (Kind::Pong, 9, &b"abc"[..])
+    );
 }
 
 #[test]
@@ -203,7 +259,9 @@ fn garbage_and_unknown_kinds_are_ignored() {
     let mut r = Repl::start();
     r.sock.write_all(&[0, 1, 2, 3, 0xF1, 0, 0]).unwrap();
     // Unknown kind 999 with a payload.
-    r.sock.write_all(&[0xF1, 1, 0xE7, 0x03, 1, 0, 0, 0, 2, 0, 0, 0, 7, 7]).unwrap();
+    r.sock
+        .write_all(&[0xF1, 1, 0xE7, 0x03, 1, 0, 0, 0, 2, 0, 0, 0, 7, 7])
+        .unwrap();
     r.send(Kind::Exec, 4, b"{not json");
     let f = r.next();
     assert_eq!((f.kind, f.stream), (Kind::Error, 4));
