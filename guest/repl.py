@@ -33,6 +33,7 @@ port) or PODFLARE_REPL_PORT_PATH.
 # so the snapshot already holds them.
 import _thread
 import base64  # noqa: F401  (warm for user code)
+import fcntl
 import hashlib  # noqa: F401
 import json
 import linecache
@@ -46,6 +47,35 @@ import sys
 import threading
 import time
 import traceback
+
+# ioctls on /dev/urandom: _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+_urandom_fd = None
+
+
+def refresh_clock_and_entropy(wall_ns, entropy):
+    """Sets the wall clock and re-keys the kernel RNG after a restore or fork.
+
+    Adding entropy alone leaves the kernel's CRNG on the key every copy of
+    the snapshot shares until its next scheduled reseed; RNDRESEEDCRNG makes
+    os.urandom diverge at once. Best effort: a failure leaves the old state.
+    """
+    global _urandom_fd
+    if wall_ns > 0:
+        try:
+            time.clock_settime_ns(time.CLOCK_REALTIME, wall_ns)
+        except OSError:
+            pass
+    if not entropy:
+        return
+    try:
+        if _urandom_fd is None:
+            _urandom_fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+        fcntl.ioctl(_urandom_fd, RNDADDENTROPY, struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy)
+        fcntl.ioctl(_urandom_fd, RNDRESEEDCRNG)
+    except OSError:
+        pass
 
 VERSION = "0.1.0"
 MAGIC = 0xF1
@@ -405,8 +435,13 @@ class Repl:
             try:
                 hello = json.loads(payload)
                 entropy = bytes.fromhex(hello.get("entropy_hex", ""))
+                wall_ns = int(hello.get("wall_clock_ns", 0))
             except Exception:
-                entropy = b""
+                entropy, wall_ns = b"", 0
+            # The agent does the same on port 0, but an exec queued behind
+            # this Hello on port 1 must not race it: the clock and the kernel
+            # pool are fresh before the next frame is even read.
+            refresh_clock_and_entropy(wall_ns, entropy)
             if entropy:
                 # Every restored or forked copy gets its own random state.
                 random.seed(entropy)

@@ -201,8 +201,15 @@ pub fn add_entropy(urandom: &OwnedFd, bytes: &[u8]) -> io::Result<()> {
         req[2 + i] = u32::from_ne_bytes(w);
     }
     // SAFETY: `req` is a rand_pool_info whose buf holds buf_size bytes, alive for the call.
-    check(unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, req.as_ptr()) }).map(drop)
+    check(unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, req.as_ptr()) })?;
+    // Re-key the CRNG now: otherwise every copy of a snapshot keeps the
+    // shared key until the kernel's next scheduled reseed.
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    check(unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) }).map(drop)
 }
+
+/// `RNDRESEEDCRNG = _IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
 /// Brings up the loopback interface (best effort: one socket + two ioctls).
 pub fn loopback_up() -> io::Result<()> {
