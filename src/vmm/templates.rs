@@ -249,6 +249,7 @@ fn snapshot_key(cfg: &VmmConfig, backend: Backend, name: &str, kernel_id: &str, 
         &cfg.guest_ram_mib.to_string(),
         &cfg.guest_vcpus.to_string(),
         warmup_code(name),
+        &vm::kernel_cmdline(backend, ""),
     ] {
         h.update(part.as_bytes());
         h.update([0]);

@@ -114,6 +114,11 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The guest kernel command line for our device layout.
+pub fn kernel_cmdline(backend: Backend, extra: &str) -> String {
+    boot::cmdline(backend, &[(BLOCK_ADDR, BLOCK_GSI), (CONSOLE_ADDR, CONSOLE_GSI)], extra)
+}
+
 fn new_vm_fd(kvm: &Kvm, mem: &GuestMemory) -> Result<VmFd, VmmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(TSS_ADDR).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -138,11 +143,7 @@ impl Vm {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "guest kernel not found (run scripts/setup)"),
             });
         }
-        let cmdline = boot::cmdline(
-            spec.backend,
-            &[(BLOCK_ADDR, BLOCK_GSI), (CONSOLE_ADDR, CONSOLE_GSI)],
-            &spec.extra_cmdline,
-        );
+        let cmdline = kernel_cmdline(spec.backend, &spec.extra_cmdline);
         let kernel = spec.kernel.clone();
         Vm::boot_with(kvm, name, spec, move |mem| {
             let entry = boot::load_kernel(mem, &kernel)?;
