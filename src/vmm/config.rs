@@ -14,7 +14,7 @@ pub struct VmmConfig {
     pub templates: Vec<String>,
     /// `PODFLARE_GUEST_RAM_MIB` (default 512): RAM of every template VM.
     pub guest_ram_mib: u64,
-    /// `PODFLARE_GUEST_VCPUS` (default 1).
+    /// `PODFLARE_GUEST_VCPUS` (default 1; only 1 is supported so far).
     pub guest_vcpus: u8,
     /// `PODFLARE_BOOT_TIMEOUT_SECS` (default 900): boot to agent ready when building a template.
     pub boot_timeout: Duration,
@@ -66,7 +66,12 @@ impl VmmConfig {
             kernel,
             templates,
             guest_ram_mib: env_or("PODFLARE_GUEST_RAM_MIB", 512)?,
-            guest_vcpus: env_or("PODFLARE_GUEST_VCPUS", 1)?,
+            guest_vcpus: match env_or("PODFLARE_GUEST_VCPUS", 1u8)? {
+                // Secondary vCPUs need an MP table, which the boot code does
+                // not write yet (and on PVM an SMP guest hangs bringing them up).
+                1 => 1,
+                n => return Err(format!("PODFLARE_GUEST_VCPUS={n}: only 1 vCPU per guest is supported so far")),
+            },
             boot_timeout: Duration::from_secs(env_or("PODFLARE_BOOT_TIMEOUT_SECS", 900)?),
             guest_timeout: Duration::from_secs(env_or("PODFLARE_GUEST_TIMEOUT_SECS", 60)?),
             pool_size: env_or("PODFLARE_POOL_SIZE", 0)?,
