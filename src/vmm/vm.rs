@@ -195,7 +195,9 @@ impl Vm {
             boot::setup_lapic(&fd)?;
             fds.push(fd);
         }
-        Vm::start(name, vm_fd, mem, devices, notifiers, channel, log, fds, msrs_to_save(&supported))
+        let vm = Vm::start_paused(name, vm_fd, mem, devices, notifiers, channel, log, fds, msrs_to_save(&supported))?;
+        vm.resume()?;
+        Ok(vm)
     }
 
     /// Restores a VM from saved state and a memory object (usually a private
@@ -223,23 +225,6 @@ impl Vm {
             fds.push(fd);
         }
         Vm::start_paused(name, vm_fd, mem, devices, notifiers, channel, log, fds, msrs_to_save(msr_list.as_slice()))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn start(
-        name: &str,
-        vm_fd: VmFd,
-        mem: GuestMemory,
-        devices: Devices,
-        notifiers: Vec<Notifier>,
-        channel: Channel,
-        log: Arc<ConsoleLog>,
-        fds: Vec<kvm_ioctls::VcpuFd>,
-        msr_indices: Vec<u32>,
-    ) -> Result<Vm, VmmError> {
-        let vm = Vm::start_paused(name, vm_fd, mem, devices, notifiers, channel, log, fds, msr_indices)?;
-        vm.resume()?;
-        Ok(vm)
     }
 
     #[allow(clippy::too_many_arguments)]
