@@ -41,7 +41,9 @@ struct Template {
     /// image (a new file behind the same `current` link) must not change
     /// what running and future sandboxes of this snapshot read.
     rootfs_file: File,
-    memory_path: PathBuf,
+    /// The snapshot's memory file, held open for the same reason: restores
+    /// keep working if a newer snapshot replaces this one on disk.
+    memory_file: File,
     snap: SnapshotFile,
 }
 
@@ -156,8 +158,7 @@ impl Inner {
             .get(template)
             .ok_or_else(|| VmmError::Config(format!("unknown template {template:?}")))?;
         let started = Instant::now();
-        let file = File::open(&t.memory_path)
-            .map_err(|e| VmmError::File { path: t.memory_path.display().to_string(), source: e })?;
+        let file = t.memory_file.try_clone().map_err(VmmError::Io)?;
         let mem = memory::private_file_mapping(file, t.snap.meta.ram_bytes)?;
         let n = self.next_vm.fetch_add(1, Ordering::Relaxed);
         let rootfs = t.rootfs_file.try_clone().map_err(VmmError::Io)?;
@@ -285,14 +286,36 @@ fn prepare_template(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str) ->
         match snapshot::read_state(&state_path, &expect) {
             Ok(snap) if memory_path.metadata().map(|m| m.len()).ok() == Some(expect.ram_bytes) => {
                 log(&format!("template {name}: using snapshot {}", dir.display()));
-                return Ok(Template { name: name.into(), rootfs, rootfs_file, memory_path, snap });
+                let memory_file = open_file(&memory_path)?;
+                return Ok(Template { name: name.into(), rootfs, rootfs_file, memory_file, snap });
             }
             Ok(_) => log(&format!("template {name}: snapshot memory file is missing or the wrong size; rebuilding")),
             Err(e) => log(&format!("template {name}: refusing snapshot: {e}; rebuilding")),
         }
     }
     let snap = build_snapshot(kvm, cfg, backend, name, &rootfs, &dir, expect)?;
-    Ok(Template { name: name.into(), rootfs, rootfs_file, memory_path, snap })
+    let memory_file = open_file(&memory_path)?;
+    remove_stale_snapshots(&dir);
+    Ok(Template { name: name.into(), rootfs, rootfs_file, memory_file, snap })
+}
+
+fn open_file(path: &Path) -> Result<File, VmmError> {
+    File::open(path).map_err(|e| VmmError::File { path: path.display().to_string(), source: e })
+}
+
+/// Deletes the template's other snapshot directories (older kernels, images
+/// or settings). Processes still using one hold its files open, so removing
+/// the names is safe for them.
+fn remove_stale_snapshots(current: &Path) {
+    let Some(parent) = current.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p != current && p.is_dir() {
+            log(&format!("removing stale snapshot {}", p.display()));
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
 }
 
 /// Takes an exclusive `flock` on `<dir>/.lock`, held until dropped.
