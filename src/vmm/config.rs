@@ -18,8 +18,6 @@ pub struct VmmConfig {
     pub guest_vcpus: u8,
     /// `PODFLARE_BOOT_TIMEOUT_SECS` (default 900): boot to agent ready when building a template.
     pub boot_timeout: Duration,
-    /// `PODFLARE_GUEST_TIMEOUT_SECS` (default 60): wait for the guest to answer after a restore.
-    pub guest_timeout: Duration,
     /// `PODFLARE_POOL_SIZE` (default 0): restored sandboxes kept ready per template.
     pub pool_size: usize,
     /// `PODFLARE_MAX_SANDBOXES` (default 1000).
@@ -73,7 +71,6 @@ impl VmmConfig {
                 n => return Err(format!("PODFLARE_GUEST_VCPUS={n}: only 1 vCPU per guest is supported so far")),
             },
             boot_timeout: Duration::from_secs(env_or("PODFLARE_BOOT_TIMEOUT_SECS", 900)?),
-            guest_timeout: Duration::from_secs(env_or("PODFLARE_GUEST_TIMEOUT_SECS", 60)?),
             pool_size: env_or("PODFLARE_POOL_SIZE", 0)?,
             max_sandboxes: env_or("PODFLARE_MAX_SANDBOXES", 1000)?,
             max_guest_memory_mib: env_or("PODFLARE_MAX_GUEST_MEMORY_MIB", host_mem_mib() * 4 / 5)?,
