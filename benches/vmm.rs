@@ -6,7 +6,8 @@
 //! Env: `PODFLARE_BENCH_HTTP` (base URL of a running hostd; HTTP rows are
 //! skipped without it), `PODFLARE_BENCH_COLD_BOOTS` (3), `PODFLARE_BENCH_IDLE_MAX`
 //! (600: cap on the idle-density run), `PODFLARE_BENCH_QEMU` (path of
-//! scripts/qemu-boot; the QEMU row is skipped without it).
+//! scripts/qemu-boot; the QEMU row is skipped without it), `PODFLARE_BENCH_ONLY`
+//! (comma list of setup,restore,throughput,http,pool,density,cold).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -419,18 +420,33 @@ fn main() {
     println!("| what | measured (median) | target | notes |");
     println!("|---|---|---|---|");
     println!("| backend | {} | | host: {} |", Backend::detect().name(), podflare_hostd::vmm::snapshot::host_cpu_model());
+    // PODFLARE_BENCH_ONLY=restore,http,... runs a subset (names below).
+    let only = std::env::var("PODFLARE_BENCH_ONLY").unwrap_or_default();
+    let want = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
     let rootfs = cfg.rootfs("default");
-    bench_kvm_setup(&kvm, &rootfs);
+    if want("setup") {
+        bench_kvm_setup(&kvm, &rootfs);
+    }
     let mut c = cfg.clone();
     c.templates = vec!["default".into()];
     c.pool_size = 0;
     let f = VmFactory::open(c).expect("template snapshot");
-    bench_restore(&f);
-    bench_throughput(&f);
-    if let Ok(base) = std::env::var("PODFLARE_BENCH_HTTP") {
+    if want("restore") {
+        bench_restore(&f);
+    }
+    if want("throughput") {
+        bench_throughput(&f);
+    }
+    if let (true, Ok(base)) = (want("http"), std::env::var("PODFLARE_BENCH_HTTP")) {
         bench_http(&base);
     }
-    bench_pool(&cfg);
-    bench_density(&f);
-    bench_cold_boot(&kvm, &cfg);
+    if want("pool") {
+        bench_pool(&cfg);
+    }
+    if want("density") {
+        bench_density(&f);
+    }
+    if want("cold") {
+        bench_cold_boot(&kvm, &cfg);
+    }
 }

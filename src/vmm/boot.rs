@@ -246,13 +246,34 @@ pub fn setup_msrs(vcpu: &VcpuFd, supported: &[u32]) -> Result<(), BootError> {
     Ok(())
 }
 
+/// KVM's supported CPUID and MSR list never change while the module is
+/// loaded; asking once per process keeps two slow ioctls off every create.
+fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, BootError> {
+    static CACHE: std::sync::OnceLock<CpuId> = std::sync::OnceLock::new();
+    if let Some(c) = CACHE.get() {
+        return Ok(c.clone());
+    }
+    let c = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    Ok(CACHE.get_or_init(|| c).clone())
+}
+
+/// The MSR indices KVM reports (cached, see [`supported_cpuid`]).
+pub fn supported_msrs(kvm: &Kvm) -> Result<Vec<u32>, BootError> {
+    static CACHE: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    if let Some(c) = CACHE.get() {
+        return Ok(c.clone());
+    }
+    let list = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    Ok(CACHE.get_or_init(|| list.as_slice().to_vec()).clone())
+}
+
 /// CPUID for vCPU `index` of `count`: KVM's supported set, with this vCPU's
 /// APIC id, the hypervisor bit, and on PVM the features the emulator cannot
 /// run (xsave, AVX, popcnt, ...) removed.
 pub fn cpuid_for(kvm: &Kvm, backend: Backend, index: u8, count: u8) -> Result<CpuId, BootError> {
-    let mut cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut cpuid = supported_cpuid(kvm)?;
     for e in cpuid.as_mut_slice() {
         match (e.function, e.index) {
             (1, _) => {

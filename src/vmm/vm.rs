@@ -181,8 +181,7 @@ impl Vm {
         let channel = Channel::new();
         let log = ConsoleLog::new(CONSOLE_LOG_BYTES);
         let (devices, notifiers) = build_devices(&vm_fd, &mem, rootfs, &channel, &log, None)?;
-        let msr_list = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
-        let supported = msr_list.as_slice().to_vec();
+        let supported = boot::supported_msrs(kvm)?;
         let mut fds = Vec::new();
         for i in 0..spec.vcpus {
             let fd = vm_fd.create_vcpu(u64::from(i)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -217,14 +216,14 @@ impl Vm {
         let channel = Channel::new();
         let log = ConsoleLog::new(CONSOLE_LOG_BYTES);
         let (devices, notifiers) = build_devices(&vm_fd, &mem, rootfs, &channel, &log, Some(&state.devices))?;
-        let msr_list = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let supported = boot::supported_msrs(kvm)?;
         let mut fds = Vec::new();
         for (i, vs) in state.vcpus.iter().enumerate() {
             let fd = vm_fd.create_vcpu(i as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
             vs.restore(&fd)?;
             fds.push(fd);
         }
-        Vm::start_paused(name, vm_fd, mem, devices, notifiers, channel, log, fds, msrs_to_save(msr_list.as_slice()))
+        Vm::start_paused(name, vm_fd, mem, devices, notifiers, channel, log, fds, msrs_to_save(&supported))
     }
 
     #[allow(clippy::too_many_arguments)]
