@@ -100,10 +100,25 @@ impl VmFactory {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "guest kernel not found; run scripts/setup or set PODFLARE_KERNEL"),
             });
         }
+        // Templates build in parallel: each cold boot keeps one vCPU busy.
+        let built: Vec<Result<Template, VmmError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = cfg
+                .templates
+                .iter()
+                .map(|name| {
+                    let (kvm, cfg) = (&kvm, &cfg);
+                    scope.spawn(move || prepare_template(kvm, cfg, backend, name))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(VmmError::Guest("template preparation panicked".into()))))
+                .collect()
+        });
         let mut templates = HashMap::new();
-        for name in &cfg.templates {
-            let t = prepare_template(&kvm, &cfg, backend, name)?;
-            templates.insert(name.clone(), t);
+        for t in built {
+            let t = t?;
+            templates.insert(t.name.clone(), t);
         }
         let inner = Arc::new(Inner {
             kvm,
