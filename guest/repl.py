@@ -62,7 +62,10 @@ def refresh_clock_and_entropy(wall_ns, entropy):
     os.urandom diverge at once. Best effort: a failure leaves the old state.
     """
     global _urandom_fd
-    if wall_ns > 0:
+    # Same rule as the agent's clock_needs_setting: hostd restores the clock
+    # already advanced, so only a clock behind the host's (or far ahead) is set.
+    now = time.time_ns()
+    if wall_ns > 0 and (now < wall_ns or now - wall_ns > 2_000_000_000):
         try:
             time.clock_settime_ns(time.CLOCK_REALTIME, wall_ns)
         except OSError:

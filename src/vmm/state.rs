@@ -229,6 +229,15 @@ pub struct VmState {
     ioapic: kvm_irqchip,
     pit: kvm_pit_state2,
     clock: kvm_clock_data,
+    /// Host wall clock (ns since the epoch) when `clock` was read.
+    saved_at_realtime_ns: u64,
+}
+
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 impl VmState {
@@ -248,13 +257,19 @@ impl VmState {
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
             pit: vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
             clock,
+            saved_at_realtime_ns: realtime_ns(),
         })
     }
 
     /// Loads the state into a VM that already has its irqchip and PIT.
     pub fn restore(&self, vm: &VmFd) -> Result<(), StateError> {
         vm.set_pit2(&self.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
-        vm.set_clock(&self.clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+        // The guest's kvm-clock moves on by the wall time the snapshot spent
+        // on disk, so a restored guest's clock is right from its first
+        // instruction (its wall-clock offset was set when it booted).
+        let mut clock = self.clock;
+        clock.clock = clock.clock.saturating_add(realtime_ns().saturating_sub(self.saved_at_realtime_ns));
+        vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
         for chip in [&self.pic_master, &self.pic_slave, &self.ioapic] {
             vm.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
         }

@@ -55,10 +55,6 @@ fn main() {
         ));
     }
     let _ = sys::sethostname("sandbox");
-    // Below 512 MiB of usable RAM the kernel turns transparent huge pages
-    // off by itself; with them on, first-touch memory in the guest costs a
-    // fraction as much emulated kernel time on PVM (one fault per 2 MiB).
-    let _ = std::fs::write("/sys/kernel/mm/transparent_hugepage/enabled", "always");
     let lo = sys::loopback_up();
     let env = env::child_env(flags.pvm);
     if flags.debug {

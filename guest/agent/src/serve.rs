@@ -168,7 +168,9 @@ impl Server {
                 entropy,
             } => {
                 if wall_clock_ns > 0 && self.set_clock {
-                    let _ = sys::set_realtime(wall_clock_ns);
+                    if sys::clock_needs_setting(sys::realtime_ns(), wall_clock_ns) {
+                        let _ = sys::set_realtime(wall_clock_ns);
+                    }
                 }
                 if let (Some(fd), false) = (&self.urandom, entropy.is_empty()) {
                     let _ = sys::add_entropy(fd, &entropy);

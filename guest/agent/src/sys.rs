@@ -175,6 +175,24 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usi
     }
 }
 
+/// Whether a clock reading `guest_now` (ns) should be replaced by the host's
+/// `host_sent` (its wall clock when it sent the Hello). hostd restores the
+/// guest's kvm-clock advanced by the time since the snapshot, so the guest
+/// clock is usually right already and a little ahead of `host_sent` (by the
+/// frame's transit time); setting it then would only move it back. A clock
+/// behind the host's, or far ahead of it, is wrong and gets replaced.
+pub fn clock_needs_setting(guest_now: u64, host_sent: u64) -> bool {
+    guest_now < host_sent || guest_now - host_sent > 2_000_000_000
+}
+
+/// Current wall clock in ns (vDSO: no system call).
+pub fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 /// Sets the wall clock.
 pub fn set_realtime(ns: u64) -> io::Result<()> {
     let ts = libc::timespec {
@@ -249,5 +267,19 @@ pub fn power_off() -> ! {
     // Without a power-off device the kernel only halts; PID 1 then waits forever.
     loop {
         std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::clock_needs_setting;
+
+    #[test]
+    fn a_clock_just_ahead_of_the_hosts_send_time_is_kept() {
+        let sent = 1_700_000_000_000_000_000;
+        assert!(!clock_needs_setting(sent + 300_000_000, sent), "transit time is not an error");
+        assert!(clock_needs_setting(sent - 1, sent), "behind the host: set");
+        assert!(clock_needs_setting(sent + 3_000_000_000, sent), "far ahead: set");
+        assert!(clock_needs_setting(0, sent), "never set: set");
     }
 }
