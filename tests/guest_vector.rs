@@ -1,0 +1,226 @@
+//! Issue 15: no silent data corruption through vector registers on PVM.
+//!
+//! On a PVM host the guest kernel runs with `noxsave`: a context switch saves
+//! only the low 128 bits of XMM0-15, so AVX register state (YMM/ZMM upper
+//! halves, YMM16-31, mask registers) leaks between processes. The guest agent
+//! keeps every process it starts off AVX there (`guest/agent/src/env.rs`).
+//!
+//! Per template (`default`: glibc + hashlib; `python-datasci`: also numpy and
+//! OpenBLAS) the REPL starts `tests/guest/vector_check.py`'s two workers on
+//! the one vCPU, and every operation's result is checked against a known
+//! answer:
+//! - with the sandbox's own environment: zero mismatches over >= 10,000
+//!   operations (asserted, on PVM and on hardware KVM alike);
+//! - with the protecting variables removed: the mismatch count is printed as
+//!   evidence (on PVM it is expected to be non-zero); only that the run
+//!   completed and counted operations is asserted.
+//!
+//! The cost of the protections (numpy 512x512 matmul, 64 MiB copy, each the
+//! median of 15, one process alone on the vCPU) is measured in
+//! `python-datasci` and printed. Run with `--nocapture` to see it.
+//! The tests run one at a time (a lock): two VMs on the host's cores would
+//! distort both the scheduling in the guest and the cost figures.
+
+mod common;
+
+use std::sync::mpsc::Receiver;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use podflare_hostd::sandbox::vm_seam::{ExecChunk, Guest, GuestSpec, Language};
+use podflare_hostd::vmm::templates::VmFactory;
+use podflare_hostd::vmm::VmmConfig;
+use serde_json::Value;
+
+const CHECK_PY: &str = include_str!("guest/vector_check.py");
+/// Seconds each worker pair runs (after setup), and operations per worker.
+const CHECK_SECONDS: f64 = 10.0;
+const MIN_OPS_PER_WORKER: u64 = 6000;
+const MIN_OPS: u64 = 10_000;
+const PROTECT_VARS: [&str; 5] =
+    ["GLIBC_TUNABLES", "NPY_DISABLE_CPU_FEATURES", "OPENBLAS_CORETYPE", "MKL_ENABLE_INSTRUCTIONS", "OPENSSL_ia32cap"];
+
+fn factory() -> Option<&'static VmFactory> {
+    static F: OnceLock<Option<VmFactory>> = OnceLock::new();
+    F.get_or_init(|| {
+        common::kvm_or_skip()?;
+        let mut cfg = VmmConfig::from_env().expect("PODFLARE_* settings");
+        cfg.templates = vec!["default".into(), "python-datasci".into()];
+        cfg.pool_size = 0;
+        Some(VmFactory::open(cfg).expect("template snapshots of `default` and `python-datasci` (run scripts/setup first)"))
+    })
+    .as_ref()
+}
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn pvm_host() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+struct Output {
+    stdout: String,
+    stderr: String,
+    code: i32,
+}
+
+fn collect(rx: Receiver<ExecChunk>) -> Output {
+    let mut out = Output { stdout: String::new(), stderr: String::new(), code: -1 };
+    loop {
+        match rx.recv_timeout(Duration::from_secs(900)).expect("exec produced no result in 900 s") {
+            ExecChunk::Stdout(b) => out.stdout.push_str(&String::from_utf8_lossy(&b)),
+            ExecChunk::Stderr(b) => out.stderr.push_str(&String::from_utf8_lossy(&b)),
+            ExecChunk::Exit(c) => {
+                out.code = c;
+                return out;
+            }
+            ExecChunk::Failed(m) => panic!("exec failed: {m}"),
+        }
+    }
+}
+
+fn py(g: &dyn Guest, code: &str) -> String {
+    let out = collect(g.exec(Language::Python, code).expect("exec starts"));
+    assert_eq!(out.code, 0, "{code:.200} failed: stdout {:?} stderr {:?}", out.stdout, out.stderr);
+    out.stdout
+}
+
+/// The last line of a Python exec's stdout, as JSON.
+fn py_json(g: &dyn Guest, code: &str) -> Value {
+    let out = py(g, code);
+    let line = out.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"))
+}
+
+/// A restored sandbox of `template` with the check program at /tmp/vector_check.py.
+fn sandbox(f: &VmFactory, template: &str) -> impl Guest {
+    let g = f.create_running(&GuestSpec { template: template.into(), egress: true }).expect("create");
+    let hex: String = CHECK_PY.bytes().map(|b| format!("{b:02x}")).collect();
+    py(&g, &format!("open('/tmp/vector_check.py', 'wb').write(bytes.fromhex('{hex}'))\nNone"));
+    py(&g, "import sys\nsys.path.insert(0, '/tmp')\nimport vector_check");
+    g
+}
+
+/// One run of the two workers; with `cost`, worker 0 then measures the cost
+/// figures alone, in the same environment (a fresh process would pay tens of
+/// seconds of Python start and numpy import again).
+fn check(g: &dyn Guest, unprotected: bool, cost: bool) -> Value {
+    let py_bool = |b: bool| if b { "True" } else { "False" };
+    py_json(
+        g,
+        &format!(
+            "import json\nprint(json.dumps(vector_check.check(unprotected={}, seconds={CHECK_SECONDS}, \
+             min_ops={MIN_OPS_PER_WORKER}, cost={})))",
+            py_bool(unprotected),
+            py_bool(cost)
+        ),
+    )
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+fn protections_on(v: &Value) -> Vec<&'static str> {
+    PROTECT_VARS.iter().copied().filter(|k| v["protections"][*k].as_bool() == Some(true)).collect()
+}
+
+/// Per-operation counts, as `name ops/mismatches` (summed over the workers).
+fn by_op(v: &Value) -> String {
+    let mut sums: Vec<(String, u64, u64)> = Vec::new();
+    for w in v["workers"].as_array().into_iter().flatten() {
+        for (name, c) in w["by_op"].as_object().into_iter().flatten() {
+            let (n, m) = (c[0].as_u64().unwrap_or(0), c[1].as_u64().unwrap_or(0));
+            match sums.iter_mut().find(|s| &s.0 == name) {
+                Some(s) => {
+                    s.1 += n;
+                    s.2 += m;
+                }
+                None => sums.push((name.clone(), n, m)),
+            }
+        }
+    }
+    sums.iter().map(|(k, n, m)| format!("{k} {m}/{n}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Both runs for one template: asserts the protected one, reports the other;
+/// with `numpy`, also measures and prints what the protections cost.
+fn vectors_stay_private(template: &str, numpy: bool) {
+    let Some(f) = factory() else { return };
+    let _one_at_a_time = serial();
+    let pvm = pvm_host();
+    let started = Instant::now();
+    let g = sandbox(f, template);
+
+    let p = check(&g, false, numpy);
+    let (ops, bad) = (u(&p, "ops"), u(&p, "mismatches"));
+    eprintln!(
+        "vector-check {template}: protected: {bad} mismatches in {ops} ops ({:.0} s, of which starting the workers {:.0} s; \
+         wrong/total per op: {})",
+        p["seconds"].as_f64().unwrap_or(0.0),
+        p["setup_seconds"].as_f64().unwrap_or(0.0),
+        by_op(&p)
+    );
+    let workers = p["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 2, "{p}");
+    for w in workers {
+        assert!(u(w, "ops") >= MIN_OPS_PER_WORKER, "a worker did too little: {w}");
+        assert_eq!(w["numpy"].as_bool(), Some(numpy), "numpy importable in {template}? {w}");
+        assert!(u(w, "yields") > 0 && u(w, "bursts") > 0, "{w}");
+    }
+    if pvm {
+        assert_eq!(protections_on(&p), PROTECT_VARS.to_vec(), "PVM sandbox env lacks protections: {p}");
+    } else {
+        assert!(protections_on(&p).is_empty(), "hardware KVM sandbox env has PVM protections: {p}");
+        eprintln!("vector-check {template}: hardware KVM host: AVX protections are off by design (XSAVE saves full state)");
+    }
+    assert!(ops >= MIN_OPS, "only {ops} operations: {p}");
+    assert_eq!(bad, 0, "vector state leaked between processes in {template} with protections on: {p}");
+
+    let q = check(&g, true, numpy);
+    let (ops, bad) = (u(&q, "ops"), u(&q, "mismatches"));
+    let errors: Vec<&Value> = q["workers"].as_array().into_iter().flatten().flat_map(|w| w["errors"].as_array().into_iter().flatten()).take(4).collect();
+    eprintln!(
+        "vector-check {template}: UNPROTECTED (evidence, not a failure): {bad} mismatches in {ops} ops ({:.0} s; wrong/total per op: {}); first errors: {errors:?}",
+        q["seconds"].as_f64().unwrap_or(0.0),
+        by_op(&q)
+    );
+    assert!(protections_on(&q).is_empty(), "unprotected run still had protections: {q}");
+    assert!(ops >= MIN_OPS, "unprotected run did only {ops} operations: {q}");
+    assert_eq!(q["workers"].as_array().map(Vec::len), Some(2), "{q}");
+    if pvm && bad == 0 {
+        eprintln!("vector-check {template}: WARNING: no corruption provoked without protections this time");
+    }
+    if numpy {
+        print_cost(&p["cost"], &q["cost"], pvm);
+    }
+    eprintln!("vector-check {template}: both runs in {:.0} s", started.elapsed().as_secs_f64());
+}
+
+/// The cost table: numpy 512x512 matmul and a 64 MiB copy, medians of 15.
+fn print_cost(on: &Value, off: &Value, pvm: bool) {
+    let secs = |v: &Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {v}"));
+    let label = if pvm { "protected" } else { "sandbox-env(no protections on hardware KVM)" };
+    for (name, key) in [("matmul512", "matmul512_s"), ("copy64MiB", "copy64m_s")] {
+        let (a, b) = (secs(on, key), secs(off, key));
+        assert!(a > 0.0 && b > 0.0, "{on} {off}");
+        eprintln!("vector-cost: {name:<10} {label} {a:.4} s  unprotected {b:.4} s  (protected/unprotected x{:.2})", a / b);
+    }
+    eprintln!("vector-cost: libraries: protected {}  unprotected {}", on["libs"], off["libs"]);
+    for (k, v) in [("protected", on), ("unprotected", off)] {
+        eprintln!("vector-cost: samples {k}: matmul512 {} copy64MiB {}", v["matmul512_all"], v["copy64m_all"]);
+    }
+}
+
+#[test]
+fn default_template_vector_state_stays_private() {
+    vectors_stay_private("default", false);
+}
+
+#[test]
+fn python_datasci_template_vector_state_stays_private() {
+    vectors_stay_private("python-datasci", true);
+}
