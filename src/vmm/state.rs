@@ -185,7 +185,10 @@ impl VcpuState {
     }
 
     /// Loads this state into a fresh vCPU, in the order KVM needs.
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
+    /// `age_ns` is how long ago the state was saved: the guest's TSC (its
+    /// clocksource when the TSC is stable) and TSC deadline move on by that
+    /// much, so the guest's clocks are right from its first instruction.
+    pub fn restore(&self, fd: &VcpuFd, age_ns: u64) -> Result<(), StateError> {
         let cpuid = CpuId::from_entries(&self.cpuid).map_err(|e| StateError::Malformed(format!("cpuid: {e:?}")))?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         if let Some(khz) = self.tsc_khz {
@@ -211,7 +214,18 @@ impl VcpuState {
         }
         fd.set_debug_regs(&self.debug_regs).map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&self.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-        let msrs = Msrs::from_entries(&self.msrs).map_err(|e| StateError::Malformed(format!("msrs: {e:?}")))?;
+        let khz = u128::from(self.tsc_khz.or_else(|| fd.get_tsc_khz().ok()).unwrap_or_else(host_tsc_khz));
+        let tsc_ticks = (u128::from(age_ns) * khz / 1_000_000) as u64;
+        let entries: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .map(|e| match e.index {
+                0x10 => kvm_msr_entry { data: e.data.wrapping_add(tsc_ticks), ..*e },
+                0x6e0 if e.data != 0 => kvm_msr_entry { data: e.data.wrapping_add(tsc_ticks), ..*e },
+                _ => *e,
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|e| StateError::Malformed(format!("msrs: {e:?}")))?;
         let done = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         if done != self.msrs.len() {
             return Err(StateError::Msrs { what: "KVM_SET_MSRS", done, wanted: self.msrs.len() });
@@ -231,6 +245,22 @@ pub struct VmState {
     clock: kvm_clock_data,
     /// Host wall clock (ns since the epoch) when `clock` was read.
     saved_at_realtime_ns: u64,
+}
+
+/// The host TSC rate, measured once, for KVMs (PVM) that do not report the
+/// guest's through KVM_GET_TSC_KHZ; unscaled guests tick at the host's rate.
+fn host_tsc_khz() -> u32 {
+    static KHZ: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        let t0 = std::time::Instant::now();
+        // SAFETY: rdtsc reads a counter; it touches no memory.
+        let c0 = unsafe { core::arch::x86_64::_rdtsc() };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // SAFETY: as above.
+        let c1 = unsafe { core::arch::x86_64::_rdtsc() };
+        let ns = t0.elapsed().as_nanos().max(1);
+        (u128::from(c1.wrapping_sub(c0)) * 1_000_000 / ns) as u32
+    })
 }
 
 fn realtime_ns() -> u64 {
@@ -261,14 +291,19 @@ impl VmState {
         })
     }
 
-    /// Loads the state into a VM that already has its irqchip and PIT.
-    pub fn restore(&self, vm: &VmFd) -> Result<(), StateError> {
+    /// Nanoseconds since this state was saved (host wall clock).
+    pub fn age_ns(&self) -> u64 {
+        realtime_ns().saturating_sub(self.saved_at_realtime_ns)
+    }
+
+    /// Loads the state into a VM that already has its irqchip and PIT;
+    /// `age_ns` as for [`VcpuState::restore`].
+    pub fn restore(&self, vm: &VmFd, age_ns: u64) -> Result<(), StateError> {
         vm.set_pit2(&self.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
         // The guest's kvm-clock moves on by the wall time the snapshot spent
-        // on disk, so a restored guest's clock is right from its first
-        // instruction (its wall-clock offset was set when it booted).
+        // on disk (its wall-clock offset was set when it booted).
         let mut clock = self.clock;
-        clock.clock = clock.clock.saturating_add(realtime_ns().saturating_sub(self.saved_at_realtime_ns));
+        clock.clock = clock.clock.saturating_add(age_ns);
         vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
         for chip in [&self.pic_master, &self.pic_slave, &self.ioapic] {
             vm.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;

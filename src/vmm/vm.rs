@@ -212,7 +212,8 @@ impl Vm {
         state: &MachineState,
     ) -> Result<Vm, VmmError> {
         let vm_fd = new_vm_fd(kvm, &mem)?;
-        state.vm.restore(&vm_fd)?;
+        let age_ns = state.vm.age_ns();
+        state.vm.restore(&vm_fd, age_ns)?;
         let channel = Channel::new();
         let log = ConsoleLog::new(CONSOLE_LOG_BYTES);
         let (devices, notifiers) = build_devices(&vm_fd, &mem, rootfs, &channel, &log, Some(&state.devices))?;
@@ -220,7 +221,7 @@ impl Vm {
         let mut fds = Vec::new();
         for (i, vs) in state.vcpus.iter().enumerate() {
             let fd = vm_fd.create_vcpu(i as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            vs.restore(&fd)?;
+            vs.restore(&fd, age_ns)?;
             fds.push(fd);
         }
         Vm::start_paused(name, vm_fd, mem, devices, notifiers, channel, log, fds, msrs_to_save(&supported))
