@@ -11,11 +11,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::sync::mpsc::Receiver;
+use podflare_hostd::guest::StreamRx;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
-use podflare_hostd::sandbox::vm_seam::{ExecChunk, Guest, GuestFactory, GuestSpec, Language};
+use podflare_hostd::guest::{ExecChunk, Guest, GuestFactory, GuestSpec, Language};
 use podflare_hostd::vmm::templates::VmFactory;
 use podflare_hostd::vmm::vm::{Vm, VmSpec};
 use podflare_hostd::vmm::{memory, Backend, VmmConfig};
@@ -43,7 +43,7 @@ fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn wait_exit(rx: Receiver<ExecChunk>) -> Result<(i32, usize), String> {
+fn wait_exit(rx: StreamRx<ExecChunk>) -> Result<(i32, usize), String> {
     let mut bytes = 0;
     loop {
         match rx.recv_timeout(Duration::from_secs(600)).map_err(|e| e.to_string())? {

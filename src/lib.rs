@@ -1,14 +1,18 @@
 //! podflare-hostd: an HTTP host agent that is its own KVM virtual machine monitor.
 //!
-//! Code map: `config` (environment, the loopback rule), `api` (HTTP transport,
-//! auth gate, router), `sandbox` (registry, lifecycle, pool, exec queue),
-//! `vmm` (KVM: memory, vCPUs, boot, snapshot), `devices` (bus, serial, virtio),
-//! `channel` (host side of the guest agent protocol).
+//! Layers point down only: `api` (HTTP transport, auth gate, router) ->
+//! `sandbox` (registry, lifecycle, exec queue, replay) -> `vmm` (KVM: memory,
+//! vCPUs, boot, snapshot, persist, templates, the guest channel) -> `devices`
+//! (bus, serial, virtio). Neutral, usable from every layer: `config`
+//! (environment, the loopback rule), `guest` (the seam between the sandbox
+//! layer and a running guest, and the bounded streams guest output travels
+//! in), `obs` (logging).
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod channel;
 pub mod config;
 pub mod devices;
+pub mod guest;
+pub mod obs;
 pub mod sandbox;
 pub mod vmm;

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use podflare_hostd::api::{self, Gate, Logger};
+use podflare_hostd::api::{self, Gate};
+use podflare_hostd::obs::Logger;
 use podflare_hostd::config::{AuthMode, Config};
 use podflare_hostd::sandbox::Controller;
 use podflare_hostd::vmm::{self, VmmConfig};

@@ -5,9 +5,9 @@ mod api_support;
 use std::sync::Arc;
 
 use api_support::{test_config, FakeFactory};
-use podflare_hostd::api::Logger;
-use podflare_hostd::sandbox::action::CreateParams;
-use podflare_hostd::sandbox::vm_seam::Language;
+use podflare_hostd::obs::Logger;
+use podflare_hostd::sandbox::CreateParams;
+use podflare_hostd::guest::Language;
 use podflare_hostd::sandbox::{Action, Controller, Reply, SandboxError, StreamItem};
 
 fn controller() -> Controller {

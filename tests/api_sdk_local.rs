@@ -12,12 +12,14 @@ mod api_support;
 
 use std::io::{BufReader, Read, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use podflare_hostd::guest::stream::{bounded, StreamRx, StreamTx};
+use podflare_hostd::guest::EXEC_STREAM_LIMIT;
 use std::sync::{Arc, Mutex};
 
-use podflare_hostd::api::{serve, Gate, Logger};
+use podflare_hostd::api::{serve, Gate};
+use podflare_hostd::obs::Logger;
 use podflare_hostd::config::AuthMode;
-use podflare_hostd::sandbox::vm_seam::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language};
+use podflare_hostd::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language};
 use podflare_hostd::sandbox::Controller;
 
 /// The Python side: runs each framed code string in one shared globals
@@ -92,40 +94,40 @@ impl Drop for LocalGuest {
     }
 }
 
-fn pump(mut r: impl Read, tx: Sender<ExecChunk>, err: bool) {
+fn pump(mut r: impl Read, tx: StreamTx<ExecChunk>, err: bool) {
     let mut buf = vec![0; 64 << 10];
     while let Ok(n) = r.read(&mut buf) {
         if n == 0 {
             break;
         }
         let b = buf[..n].to_vec();
-        let _ = tx.send(if err { ExecChunk::Stderr(b) } else { ExecChunk::Stdout(b) });
+        let _ = tx.push(if err { ExecChunk::Stderr(b) } else { ExecChunk::Stdout(b) });
     }
 }
 
-fn python_frames(slot: Arc<Mutex<Option<BufReader<ChildStdout>>>>, tx: Sender<ExecChunk>) {
+fn python_frames(slot: Arc<Mutex<Option<BufReader<ChildStdout>>>>, tx: StreamTx<ExecChunk>) {
     let Some(mut r) = slot.lock().unwrap().take() else {
-        let _ = tx.send(ExecChunk::Failed("python reader busy".into()));
+        let _ = tx.push(ExecChunk::Failed("python reader busy".into()));
         return;
     };
     loop {
         let mut hdr = [0u8; 5];
         if r.read_exact(&mut hdr).is_err() {
-            let _ = tx.send(ExecChunk::Failed("python exited".into()));
+            let _ = tx.push(ExecChunk::Failed("python exited".into()));
             return;
         }
         let mut payload = vec![0; u32::from_le_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize];
         if r.read_exact(&mut payload).is_err() {
-            let _ = tx.send(ExecChunk::Failed("python exited".into()));
+            let _ = tx.push(ExecChunk::Failed("python exited".into()));
             return;
         }
         match hdr[0] {
-            b'O' => drop(tx.send(ExecChunk::Stdout(payload))),
-            b'E' => drop(tx.send(ExecChunk::Stderr(payload))),
+            b'O' => drop(tx.push(ExecChunk::Stdout(payload))),
+            b'E' => drop(tx.push(ExecChunk::Stderr(payload))),
             _ => {
                 let code = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
                 *slot.lock().unwrap() = Some(r); // back before Exit: the next exec needs it
-                let _ = tx.send(ExecChunk::Exit(code));
+                let _ = tx.push(ExecChunk::Exit(code));
                 return;
             }
         }
@@ -133,8 +135,8 @@ fn python_frames(slot: Arc<Mutex<Option<BufReader<ChildStdout>>>>, tx: Sender<Ex
 }
 
 impl Guest for LocalGuest {
-    fn exec(&self, language: Language, code: &str) -> Result<Receiver<ExecChunk>, GuestError> {
-        let (tx, rx) = channel();
+    fn exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, GuestError> {
+        let (tx, rx) = bounded(EXEC_STREAM_LIMIT);
         match language {
             Language::Python => {
                 let mut w = self.stdin.lock().unwrap();
@@ -158,7 +160,7 @@ impl Guest for LocalGuest {
                     pump(out, tx.clone(), false);
                     let _ = e.join();
                     let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(137);
-                    let _ = tx.send(ExecChunk::Exit(code));
+                    let _ = tx.push(ExecChunk::Exit(code));
                 });
             }
         }

@@ -23,11 +23,11 @@
 
 mod common;
 
-use std::sync::mpsc::Receiver;
+use podflare_hostd::guest::StreamRx;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use podflare_hostd::sandbox::vm_seam::{ExecChunk, Guest, GuestSpec, Language};
+use podflare_hostd::guest::{ExecChunk, Guest, GuestSpec, Language};
 use podflare_hostd::vmm::templates::VmFactory;
 use podflare_hostd::vmm::VmmConfig;
 use serde_json::Value;
@@ -67,7 +67,7 @@ struct Output {
     code: i32,
 }
 
-fn collect(rx: Receiver<ExecChunk>) -> Output {
+fn collect(rx: StreamRx<ExecChunk>) -> Output {
     let mut out = Output { stdout: String::new(), stderr: String::new(), code: -1 };
     loop {
         match rx.recv_timeout(Duration::from_secs(900)).expect("exec produced no result in 900 s") {

@@ -8,11 +8,11 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::mpsc::Receiver;
+use podflare_hostd::guest::StreamRx;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use podflare_hostd::sandbox::vm_seam::{ExecChunk, Guest, GuestSpec, Language};
+use podflare_hostd::guest::{ExecChunk, Guest, GuestSpec, Language};
 use podflare_hostd::vmm::templates::{restore_vm_from, save_vm, RunningGuest, VmFactory};
 use podflare_hostd::vmm::vm::{Vm, VmSpec};
 use podflare_hostd::vmm::{Backend, VmmConfig};
@@ -43,7 +43,7 @@ struct Output {
     code: i32,
 }
 
-fn collect(rx: Receiver<ExecChunk>) -> Output {
+fn collect(rx: StreamRx<ExecChunk>) -> Output {
     let mut out = Output { stdout: String::new(), stderr: String::new(), code: -1 };
     loop {
         match rx.recv_timeout(Duration::from_secs(300)).expect("exec produced no result in 300 s") {

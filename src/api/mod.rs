@@ -9,12 +9,12 @@
 
 pub mod auth;
 pub mod error;
-pub mod log;
+
 pub mod params;
 pub mod router;
 pub mod server;
 
 pub use auth::Gate;
 pub use error::ApiError;
-pub use log::Logger;
+
 pub use server::{serve, ServerError, ServerHandle};

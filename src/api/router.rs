@@ -8,10 +8,10 @@ use base64::Engine;
 
 use super::error::ApiError;
 use super::params::Body;
-use crate::sandbox::action::{
+use crate::sandbox::{
     Action, CreateParams, PtyCommand, PtyReadParams, PtySpec, ResumeParams,
 };
-use crate::sandbox::vm_seam::Language;
+use crate::guest::Language;
 
 /// Most children one fork may ask for.
 pub const MAX_FORK: u64 = 32;

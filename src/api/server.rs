@@ -21,7 +21,7 @@ use tiny_http::{HTTPVersion, Header, Request, Response};
 
 use super::auth::Gate;
 use super::error::ApiError;
-use super::log::Logger;
+use crate::obs::Logger;
 use super::router;
 use crate::config::Config;
 use crate::sandbox::{Controller, ExecStream, Reply, StreamItem};

@@ -7,9 +7,9 @@ use serde_json::json;
 
 use super::action::{Action, Reply};
 use super::manager::Manager;
-use super::vm_seam::GuestFactory;
+use crate::guest::GuestFactory;
 use super::SandboxError;
-use crate::api::log::Logger;
+use crate::obs::Logger;
 use crate::config::Config;
 
 /// The one object the transport talks to.

@@ -3,13 +3,13 @@
 //! encoding events, keep-alives on silence, and recording replay.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::manager::{ExecStartError, Sandbox, StreamSlot};
+use super::instance::{ExecStartError, Sandbox, StreamSlot};
 use super::queue::Ticket;
-use super::vm_seam::{ExecChunk, Language};
+use crate::guest::stream::RecvTimeoutError;
+use crate::guest::{ExecChunk, Language, StreamRx};
 
 /// Exit code reported when the guest fails mid-stream, the sandbox is deleted
 /// under a running exec, or the exec cannot start: 137 is what a shell shows
@@ -161,7 +161,7 @@ enum Phase {
     /// Waiting for earlier execs of the sandbox to finish.
     Queued { language: Language, code: String },
     /// Running: chunks arrive on `rx`.
-    Running { rx: Receiver<ExecChunk>, out: LineSplitter, err: LineSplitter },
+    Running { rx: StreamRx<ExecChunk>, out: LineSplitter, err: LineSplitter },
     /// The exit event has been produced.
     Done,
 }

@@ -4,143 +4,21 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::action::CreateParams;
 use super::exec::ExecStream;
-use super::queue::FifoQueue;
-use super::replay::ReplayRing;
-use super::vm_seam::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language};
+use super::instance::{lock, Expiry, Sandbox, StreamSlot};
+use super::params::CreateParams;
 use super::SandboxError;
-use crate::api::log::Logger;
 use crate::config::Config;
+use crate::guest::{GuestFactory, GuestSpec, Language};
+use crate::obs::Logger;
 
 /// How often the reaper looks for expired sandboxes.
 const REAP_INTERVAL: Duration = Duration::from_millis(250);
-
-/// Locks a mutex whose data stays consistent across a panic (counters,
-/// maps updated in one statement), so poisoning is not an error here.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Why an exec could not start.
-#[derive(Debug)]
-pub enum ExecStartError {
-    /// The sandbox was destroyed while the exec waited.
-    Destroyed,
-    /// The guest refused.
-    Guest(GuestError),
-}
-
-#[derive(Debug)]
-struct Activity {
-    /// Execs queued or running.
-    active: usize,
-    /// Last exec start or end (or creation).
-    last: Instant,
-}
-
-/// One live sandbox.
-pub struct Sandbox {
-    id: String,
-    template: String,
-    persistent: bool,
-    created: Instant,
-    lifetime: Duration,
-    idle: Duration,
-    /// `None` once destroyed. Execs take the read lock only to start a
-    /// command, so destroy never waits for a running exec.
-    guest: RwLock<Option<Box<dyn Guest>>>,
-    queue: Arc<FifoQueue>,
-    activity: Mutex<Activity>,
-    replay: Mutex<ReplayRing>,
-}
-
-/// Why the reaper destroys a sandbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Expiry {
-    Lifetime,
-    Idle,
-}
-
-impl Sandbox {
-    /// The `sbx_...` id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    pub(super) fn queue(&self) -> &Arc<FifoQueue> {
-        &self.queue
-    }
-
-    /// True after destroy (by the API or the reaper).
-    pub fn is_destroyed(&self) -> bool {
-        self.guest.read().unwrap_or_else(PoisonError::into_inner).is_none()
-    }
-
-    /// Takes the guest out; dropping the result destroys the VM.
-    fn take_guest(&self) -> Option<Box<dyn Guest>> {
-        self.guest.write().unwrap_or_else(PoisonError::into_inner).take()
-    }
-
-    pub(super) fn start_exec(&self, language: Language, code: &str) -> Result<Receiver<ExecChunk>, ExecStartError> {
-        let guest = self.guest.read().unwrap_or_else(PoisonError::into_inner);
-        match guest.as_ref() {
-            None => Err(ExecStartError::Destroyed),
-            Some(g) => g.exec(language, code).map_err(ExecStartError::Guest),
-        }
-    }
-
-    pub(super) fn record(&self, line: &[u8]) {
-        lock(&self.replay).push(line);
-    }
-
-    pub(super) fn exec_queued(&self) {
-        let mut a = lock(&self.activity);
-        a.active += 1;
-        a.last = Instant::now();
-    }
-
-    pub(super) fn exec_started(&self) {
-        lock(&self.activity).last = Instant::now();
-    }
-
-    pub(super) fn exec_finished(&self) {
-        let mut a = lock(&self.activity);
-        a.active = a.active.saturating_sub(1);
-        a.last = Instant::now();
-    }
-
-    fn expiry(&self, now: Instant) -> Option<Expiry> {
-        if now.duration_since(self.created) >= self.lifetime {
-            return Some(Expiry::Lifetime);
-        }
-        let a = lock(&self.activity);
-        (a.active == 0 && now.duration_since(a.last) >= self.idle).then_some(Expiry::Idle)
-    }
-
-    fn private_memory_bytes(&self) -> u64 {
-        let guest = self.guest.read().unwrap_or_else(PoisonError::into_inner);
-        guest.as_ref().map_or(0, |g| g.private_memory_bytes())
-    }
-}
-
-/// A held exec-stream slot; dropping it frees the slot.
-#[derive(Debug)]
-pub struct StreamSlot {
-    count: Arc<AtomicUsize>,
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// 128 bits from the kernel CSPRNG as 32 hex digits.
 fn random_hex32() -> Result<String, SandboxError> {
@@ -194,27 +72,23 @@ impl Manager {
         let spec = GuestSpec { template: template.clone(), egress: p.egress };
         // Guest creation can take a while (restore); no lock is held.
         let guest = self.factory.create(&spec).map_err(SandboxError::from_guest)?;
-        let now = Instant::now();
-        let sb = Arc::new(Sandbox {
-            id: format!("sbx_{}", random_hex32()?),
+        let sb = Arc::new(Sandbox::new(
+            format!("sbx_{}", random_hex32()?),
             template,
-            persistent: p.persistent,
-            created: now,
-            lifetime: Duration::from_secs(self.cfg.timeout_seconds.resolve(p.timeout_seconds)),
-            idle: Duration::from_secs(self.cfg.idle_timeout_seconds.resolve(p.idle_timeout_seconds)),
-            guest: RwLock::new(Some(guest)),
-            queue: Arc::new(FifoQueue::default()),
-            activity: Mutex::new(Activity { active: 0, last: now }),
-            replay: Mutex::new(ReplayRing::new(self.cfg.replay_max_bytes)),
-        });
-        lock(&self.sandboxes).insert(sb.id.clone(), Arc::clone(&sb));
+            p.persistent,
+            Duration::from_secs(self.cfg.timeout_seconds.resolve(p.timeout_seconds)),
+            Duration::from_secs(self.cfg.idle_timeout_seconds.resolve(p.idle_timeout_seconds)),
+            guest,
+            self.cfg.replay_max_bytes,
+        ));
+        lock(&self.sandboxes).insert(sb.id().to_string(), Arc::clone(&sb));
         self.log.info(
             "sandbox created",
             &[
-                ("sandbox", json!(sb.id)),
-                ("template", json!(sb.template)),
-                ("timeout_s", json!(sb.lifetime.as_secs())),
-                ("idle_timeout_s", json!(sb.idle.as_secs())),
+                ("sandbox", json!(sb.id())),
+                ("template", json!(sb.template())),
+                ("timeout_s", json!(sb.lifetime().as_secs())),
+                ("idle_timeout_s", json!(sb.idle().as_secs())),
                 ("ram_mib", json!(self.cfg.ram_mib.resolve(p.ram_mib))),
                 ("rootfs_gb", json!(self.cfg.rootfs_gb.resolve(p.rootfs_gb))),
                 ("egress", json!(p.egress)),
@@ -245,10 +119,7 @@ impl Manager {
 
     fn acquire_stream(&self) -> Result<StreamSlot, SandboxError> {
         let max = self.cfg.max_streams;
-        self.streams
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .map_err(|_| SandboxError::TooManyStreams { max })?;
-        Ok(StreamSlot { count: Arc::clone(&self.streams) })
+        StreamSlot::acquire(&self.streams, max).ok_or(SandboxError::TooManyStreams { max })
     }
 
     /// Queues an exec on `id`. The stream runs it when earlier execs are done.
@@ -260,14 +131,14 @@ impl Manager {
 
     /// The replay ring of `id` as NDJSON.
     pub fn replay(&self, id: &str) -> Result<Vec<u8>, SandboxError> {
-        Ok(lock(&self.get(id)?.replay).to_ndjson())
+        Ok(self.get(id)?.replay_ndjson())
     }
 
     /// The `GET /v1/capacity` document (shape documented in the README).
     pub fn capacity(&self) -> Value {
         let sandboxes: Vec<Arc<Sandbox>> = lock(&self.sandboxes).values().cloned().collect();
         let private: u64 = sandboxes.iter().map(|s| s.private_memory_bytes()).sum();
-        let busy = sandboxes.iter().filter(|s| lock(&s.activity).active > 0).count();
+        let busy = sandboxes.iter().filter(|s| s.busy()).count();
         json!({
             "sandboxes": { "live": sandboxes.len(), "busy": busy },
             "streams": { "active": self.streams.load(Ordering::Acquire), "max": self.cfg.max_streams },
@@ -283,7 +154,7 @@ impl Manager {
         let expired: Vec<(Arc<Sandbox>, Expiry)> = {
             let mut map = lock(&self.sandboxes);
             let ids: Vec<(String, Expiry)> =
-                map.values().filter_map(|s| s.expiry(now).map(|e| (s.id.clone(), e))).collect();
+                map.values().filter_map(|s| s.expiry(now).map(|e| (s.id().to_string(), e))).collect();
             ids.into_iter().filter_map(|(id, e)| map.remove(&id).map(|s| (s, e))).collect()
         };
         for (sb, why) in &expired {
@@ -292,11 +163,11 @@ impl Manager {
                 Expiry::Lifetime => "timeout_seconds",
                 Expiry::Idle => "idle_timeout_seconds",
             };
-            self.log.info("sandbox destroyed", &[("sandbox", json!(sb.id)), ("reason", json!(reason))]);
-            if *why == Expiry::Idle && sb.persistent {
+            self.log.info("sandbox destroyed", &[("sandbox", json!(sb.id())), ("reason", json!(reason))]);
+            if *why == Expiry::Idle && sb.persistent() {
                 self.log.warn(
                     "persistent sandbox destroyed at idle timeout: freezing into a space is not available on this host yet",
-                    &[("sandbox", json!(sb.id))],
+                    &[("sandbox", json!(sb.id()))],
                 );
             }
         }

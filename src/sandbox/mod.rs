@@ -7,17 +7,19 @@
 pub mod action;
 pub mod controller;
 pub mod exec;
+pub mod instance;
 pub mod manager;
+pub mod params;
 pub mod queue;
 pub mod replay;
-pub mod vm_seam;
 
-pub use action::{Action, CreateParams, Reply};
+pub use action::{Action, Reply};
+pub use params::{CreateParams, PtyCommand, PtyReadParams, PtySpec, ResumeParams};
 pub use controller::Controller;
 pub use exec::{ExecStream, StreamItem};
 pub use manager::Manager;
 
-use vm_seam::GuestError;
+use crate::guest::GuestError;
 
 /// Why a sandbox operation failed. The API maps each kind to a status.
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,7 @@
 //! restore-on-create, warm pool, admission: the `GuestFactory`).
 
 pub mod boot;
+pub mod channel;
 pub mod config;
 pub mod memory;
 pub mod snapshot;
@@ -17,8 +18,8 @@ pub mod vm;
 
 use std::sync::{Arc, Mutex};
 
-use crate::channel::Channel;
-use crate::sandbox::vm_seam::GuestFactory;
+use channel::Channel;
+use crate::guest::GuestFactory;
 pub use config::VmmConfig;
 
 /// Which kind of KVM this host has.

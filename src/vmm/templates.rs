@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::Receiver;
+
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use super::snapshot::{self, SnapshotFile, SnapshotMeta};
 use super::vm::{self, Vm, VmSpec};
 use super::{memory, Backend, VmmConfig, VmmError};
-use crate::sandbox::vm_seam::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language};
+use crate::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language, StreamRx};
 
 /// Host memory set aside per new sandbox when deciding admission.
 const ADMISSION_RESERVE_MIB: u64 = 64;
@@ -344,7 +344,7 @@ fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>, VmmError> {
     })
 }
 
-fn wait_exec_ok(rx: Receiver<ExecChunk>, timeout: Duration, what: &str) -> Result<(), VmmError> {
+fn wait_exec_ok(rx: StreamRx<ExecChunk>, timeout: Duration, what: &str) -> Result<(), VmmError> {
     let deadline = Instant::now() + timeout;
     let mut err = Vec::new();
     loop {
@@ -389,7 +389,7 @@ pub fn build_snapshot(
         let tail: String = tail.chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect();
         VmmError::Guest(format!("template {name}: {what}\n--- guest console (tail) ---\n{tail}"))
     };
-    for port in 0..crate::channel::PORTS {
+    for port in 0..super::channel::PORTS {
         ch.wait_ready(port, 0, cfg.boot_timeout).map_err(|e| fail(format!("port {port} not ready: {e}")))?;
     }
     log(&format!("template {name}: agent and REPL ready after {:.1}s", started.elapsed().as_secs_f64()));
@@ -456,7 +456,7 @@ pub struct RunningGuest {
 }
 
 impl Guest for RunningGuest {
-    fn exec(&self, language: Language, code: &str) -> Result<Receiver<ExecChunk>, GuestError> {
+    fn exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, GuestError> {
         if let Some(why) = self.vm.status().stopped() {
             return Err(GuestError::Failed(why));
         }

@@ -23,7 +23,7 @@ use super::memory;
 use super::state::{msrs_to_save, VcpuState, VmState};
 use super::vcpu::{VcpuCommand, VcpuContext, VcpuHandle, VcpuReply};
 use super::{Backend, VmStatus, VmmError};
-use crate::channel::Channel;
+use super::channel::Channel;
 use crate::devices::bus::Bus;
 use crate::devices::serial::{ConsoleLog, SerialDevice, SerialState};
 use crate::devices::virtio::block::Block;

@@ -6,13 +6,15 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use podflare_hostd::guest::stream::{bounded, StreamRx, StreamTx};
+use podflare_hostd::guest::EXEC_STREAM_LIMIT;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use podflare_hostd::api::{serve, Gate, Logger, ServerHandle};
+use podflare_hostd::api::{serve, Gate, ServerHandle};
+use podflare_hostd::obs::Logger;
 use podflare_hostd::config::{AuthMode, Config, LogFormat};
-use podflare_hostd::sandbox::vm_seam::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language};
+use podflare_hostd::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language};
 use podflare_hostd::sandbox::Controller;
 
 /// The key the test servers accept.
@@ -82,7 +84,7 @@ fn nap(alive: &AtomicBool, ms: u64) -> bool {
     alive.load(Ordering::SeqCst)
 }
 
-fn run_script(code: String, tx: Sender<ExecChunk>, alive: Arc<AtomicBool>) {
+fn run_script(code: String, tx: StreamTx<ExecChunk>, alive: Arc<AtomicBool>) {
     for line in code.split('\n') {
         if !alive.load(Ordering::SeqCst) {
             return; // destroyed: the sender drops, the receiver sees a disconnect
@@ -90,11 +92,11 @@ fn run_script(code: String, tx: Sender<ExecChunk>, alive: Arc<AtomicBool>) {
         let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
         let chunk = match cmd {
             "EXIT" => {
-                let _ = tx.send(ExecChunk::Exit(arg.parse().expect("EXIT n")));
+                let _ = tx.push(ExecChunk::Exit(arg.parse().expect("EXIT n")));
                 return;
             }
             "FAIL" => {
-                let _ = tx.send(ExecChunk::Failed(arg.to_string()));
+                let _ = tx.push(ExecChunk::Failed(arg.to_string()));
                 return;
             }
             "SLEEP" => {
@@ -120,21 +122,21 @@ fn run_script(code: String, tx: Sender<ExecChunk>, alive: Arc<AtomicBool>) {
                 let mut left = n;
                 while left > 0 {
                     let k = left.min(64 << 10);
-                    let _ = tx.send(ExecChunk::Stdout(vec![b'a'; k]));
+                    let _ = tx.push(ExecChunk::Stdout(vec![b'a'; k]));
                     left -= k;
                 }
                 ExecChunk::Stdout(b"\n".to_vec())
             }
             _ => ExecChunk::Stdout(format!("{line}\n").into_bytes()),
         };
-        let _ = tx.send(chunk);
+        let _ = tx.push(chunk);
     }
-    let _ = tx.send(ExecChunk::Exit(0));
+    let _ = tx.push(ExecChunk::Exit(0));
 }
 
 impl Guest for FakeGuest {
-    fn exec(&self, _language: Language, code: &str) -> Result<Receiver<ExecChunk>, GuestError> {
-        let (tx, rx) = channel();
+    fn exec(&self, _language: Language, code: &str) -> Result<StreamRx<ExecChunk>, GuestError> {
+        let (tx, rx) = bounded(EXEC_STREAM_LIMIT);
         let (code, alive) = (code.to_string(), Arc::clone(&self.alive));
         std::thread::spawn(move || run_script(code, tx, alive));
         Ok(rx)

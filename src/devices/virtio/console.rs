@@ -4,7 +4,10 @@
 //! `drivers/char/virtio_console.c` for what the driver really does).
 //!
 //! Queues: rx0, tx0, ctrl-rx, ctrl-tx, rx1, tx1, ... Guest -> host bytes
-//! (tx) go to the sink synchronously during `queue_notify`. Host -> guest
+//! (tx) go to the sink synchronously during `queue_notify`; the sink never
+//! blocks, and answers [`SinkFlow::Pause`] when the host cannot take more
+//! from that port for now: the port's tx queue is then left alone (the guest
+//! waits on it) until [`ConsoleHandle::resume_tx`]. Host -> guest
 //! bytes are queued per port by [`ConsoleHandle::send`] (any thread, with
 //! backpressure) and copied into the port's rx buffers by the device thread,
 //! only while the guest has the port open: Linux discards data that arrives
@@ -66,14 +69,26 @@ fn rx_queue(port: usize) -> usize {
     }
 }
 
+/// What the sink wants after taking some guest bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkFlow {
+    /// Keep delivering.
+    Continue,
+    /// Stop taking this port's tx queue until [`ConsoleHandle::resume_tx`].
+    Pause,
+}
+
 /// Receives guest -> host bytes as `(port, bytes)`, on the device thread.
-pub type ConsoleSink = Box<dyn FnMut(u32, &[u8]) + Send>;
+/// Must not block.
+pub type ConsoleSink = Box<dyn FnMut(u32, &[u8]) -> SinkFlow + Send>;
 
 /// Per-port state shared with [`ConsoleHandle`]s.
 #[derive(Default)]
 struct PortShared {
     pending: VecDeque<u8>,
     guest_open: bool,
+    /// The host asked to take the port's tx queue again after a pause.
+    resume_tx: bool,
 }
 
 struct SharedState {
@@ -152,6 +167,16 @@ impl ConsoleHandle {
         self.shared.lock().ports.get(port as usize).map_or(0, |p| p.pending.len())
     }
 
+    /// Lets the device take `port`'s tx queue again after the sink paused
+    /// it (any thread; the device thread does the work).
+    pub fn resume_tx(&self, port: u32) {
+        if let Some(p) = self.shared.lock().ports.get_mut(port as usize) {
+            p.resume_tx = true;
+        }
+        // Counter overflow is the only failure, and means already kicked.
+        let _ = self.shared.kick.write(1);
+    }
+
     /// Closes the console (VM teardown): blocked and later senders fail.
     pub fn close(&self) {
         self.shared.lock().closed = true;
@@ -196,6 +221,8 @@ pub struct Console {
     port_ready: Vec<bool>,
     ctrl_pending: VecDeque<Vec<u8>>,
     buf: Vec<u8>,
+    /// Ports whose tx queue the sink paused.
+    tx_paused: Vec<bool>,
 }
 
 fn valid_name(n: &str) -> bool {
@@ -258,6 +285,7 @@ impl Console {
             port_ready: vec![false; n],
             ctrl_pending: VecDeque::new(),
             buf: Vec::new(),
+            tx_paused: vec![false; n],
         };
         Ok((console, handle))
     }
@@ -268,13 +296,19 @@ impl Console {
         &self.shared.kick
     }
 
-    /// Consumes the kick and moves pending host bytes into guest buffers.
+    /// Consumes the kick, moves pending host bytes into guest buffers, and
+    /// takes the tx queues of ports the host asked to resume.
     pub fn process_host_output(&mut self) {
         // EAGAIN just means no kick was pending.
         let _ = self.shared.kick.read();
         let mut used = false;
         for p in 0..self.names.len() {
             used |= self.fill_port(p);
+            let resume = std::mem::take(&mut self.shared.lock().ports[p].resume_tx);
+            if resume && self.tx_paused[p] {
+                self.tx_paused[p] = false;
+                used |= self.process_tx(p);
+            }
         }
         self.signal_if(used);
     }
@@ -376,9 +410,14 @@ impl Console {
         used
     }
 
-    /// Hands the guest's bytes on `port`'s tx queue to the sink, in order.
+    /// Hands the guest's bytes on `port`'s tx queue to the sink, in order,
+    /// until the sink asks for a pause (the chain in hand is finished first:
+    /// it is already off the ring).
     fn process_tx(&mut self, port: usize) -> bool {
-        let Console { active, sink, buf, .. } = self;
+        let Console { active, sink, buf, tx_paused, .. } = self;
+        if tx_paused.get(port).copied().unwrap_or(true) {
+            return false;
+        }
         let Some(a) = active.as_mut() else {
             return false;
         };
@@ -406,11 +445,16 @@ impl Console {
                     if !ok {
                         break;
                     }
-                    sink(port as u32, chunk);
+                    if sink(port as u32, chunk) == SinkFlow::Pause {
+                        tx_paused[port] = true;
+                    }
                     off += n;
                 }
             }
             used |= q.add_used(&a.mem, head, 0).is_ok();
+            if tx_paused[port] {
+                break;
+            }
         }
         used
     }
@@ -570,6 +614,7 @@ impl VirtioDevice for Console {
         self.device_ready = false;
         self.port_ready.fill(false);
         self.ctrl_pending.clear();
+        self.tx_paused.fill(false);
         // The driver is gone, so is every open; host bytes stay queued for
         // the next driver instance.
         for p in &mut self.shared.lock().ports {

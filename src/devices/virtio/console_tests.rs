@@ -20,7 +20,10 @@ type Log = Arc<Mutex<Vec<(u32, Vec<u8>)>>>;
 fn console(limit: usize) -> (Console, ConsoleHandle, Log) {
     let log: Log = Arc::default();
     let l = log.clone();
-    let sink = Box::new(move |p: u32, b: &[u8]| l.lock().unwrap().push((p, b.to_vec())));
+    let sink = Box::new(move |p: u32, b: &[u8]| {
+        l.lock().unwrap().push((p, b.to_vec()));
+        SinkFlow::Continue
+    });
     let (c, h) = Console::with_limit(&NAMES, sink, limit).unwrap();
     (c, h, log)
 }
@@ -176,9 +179,9 @@ fn config_and_queue_layout() {
     assert_eq!(u32::from_le_bytes(b), 2);
     assert_ne!(c.features() & (1 << VIRTIO_CONSOLE_F_MULTIPORT), 0);
     assert_eq!((rx_queue(0), rx_queue(1), rx_queue(2)), (0, 4, 6));
-    assert!(Console::new(&[], Box::new(|_, _| {})).is_err());
-    assert!(Console::new(&["a/b"], Box::new(|_, _| {})).is_err());
-    assert!(Console::new(&[""], Box::new(|_, _| {})).is_err());
+    assert!(Console::new(&[], Box::new(|_, _| SinkFlow::Continue)).is_err());
+    assert!(Console::new(&["a/b"], Box::new(|_, _| SinkFlow::Continue)).is_err());
+    assert!(Console::new(&[""], Box::new(|_, _| SinkFlow::Continue)).is_err());
 }
 
 #[test]
@@ -403,7 +406,7 @@ fn save_restore_continues() {
     let (mut c3, _, _) = console(8);
     let (int, _) = interrupt();
     assert!(c3.restore(&saved, m.clone(), int.clone(), vec![]).is_err(), "pending over limit");
-    let (mut c4, _) = Console::new(&["other", "names"], Box::new(|_, _| {})).unwrap();
+    let (mut c4, _) = Console::new(&["other", "names"], Box::new(|_, _| SinkFlow::Continue)).unwrap();
     assert!(c4.restore(&saved, m.clone(), int.clone(), vec![]).is_err());
     let mut bad = saved.clone();
     bad["ports"][0]["pending"] = serde_json::json!("!!not base64");

@@ -2,12 +2,19 @@
 //!
 //! The manager (registry, lifecycle, exec queue, replay) talks to a guest only
 //! through these two traits. The one real implementation lives in `crate::vmm`
-//! (`VmTemplates` / `RunningVm`); unit tests of the manager and the HTTP layer
-//! plug in a small in-process fake so they run without `/dev/kvm`.
+//! (`factory::VmFactory` / `factory::RunningGuest`); unit tests of the manager
+//! and the HTTP layer plug in a small in-process fake so they run without
+//! `/dev/kvm`. Neutral: the sandbox layer and the VMM both use it, and it uses
+//! neither.
 
-use std::sync::mpsc::Receiver;
+pub mod stream;
 
 pub use podflare_proto::Language;
+pub use stream::{Flow, StreamRx, StreamTx, Weigh};
+
+/// Bytes of exec output one stream may hold before the guest is made to
+/// wait (its output stays in its own queues until the reader catches up).
+pub const EXEC_STREAM_LIMIT: usize = 4 << 20;
 
 /// Output of one exec, in the order the guest produced it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +29,17 @@ pub enum ExecChunk {
     /// Always the last chunk; the manager reports it as a stderr line plus a
     /// non-zero exit.
     Failed(String),
+}
+
+impl Weigh for ExecChunk {
+    fn weight(&self) -> usize {
+        // The fixed part keeps a flood of empty chunks bounded too.
+        64 + match self {
+            ExecChunk::Stdout(b) | ExecChunk::Stderr(b) => b.len(),
+            ExecChunk::Failed(m) => m.len(),
+            ExecChunk::Exit(_) => 0,
+        }
+    }
 }
 
 /// Why a guest operation failed.
@@ -62,10 +80,11 @@ pub trait GuestFactory: Send + Sync {
 
 /// One running guest. Dropping it destroys the VM and frees everything.
 pub trait Guest: Send + Sync {
-    /// Starts one exec. Chunks arrive on the receiver as the guest produces
-    /// them; the last one is `Exit` or `Failed`. The caller runs execs of one
+    /// Starts one exec. Chunks arrive on the stream as the guest produces
+    /// them (bounded: see [`EXEC_STREAM_LIMIT`]); the last one is `Exit` or
+    /// `Failed`. The caller runs execs of one
     /// sandbox one at a time.
-    fn exec(&self, language: Language, code: &str) -> Result<Receiver<ExecChunk>, GuestError>;
+    fn exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, GuestError>;
     /// Host memory this guest holds privately (bytes), for capacity reports.
     fn private_memory_bytes(&self) -> u64;
 }

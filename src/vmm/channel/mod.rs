@@ -4,23 +4,23 @@
 //! The console device hands us guest bytes per port on the VM's device thread
 //! ([`Channel::sink`]); we decode frames and route each to the stream it names.
 //! Requests go out through the console's `ConsoleHandle`, which blocks the
-//! sender when the guest is not draining (backpressure host -> guest). Guest ->
-//! host backpressure comes from the device thread itself: it delivers output
-//! synchronously, so a guest that writes faster than we route stalls on its
-//! own full transmit queue.
+//! sender when the guest is not draining (backpressure host -> guest).
+//!
+//! Guest -> host: each exec's output goes into its own bounded stream
+//! ([`crate::guest::stream`]), which never blocks the device thread. When a
+//! stream is over its limit (its reader, say an HTTP client, has stopped
+//! reading) the sink tells the console to stop taking that port's transmit
+//! queue; the guest then waits on its own full queue, and the stream's drain
+//! hook restarts the port once the reader has caught up.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use podflare_proto::{encode, encode_json, Decoder, ExecRequest, Frame, Hello, Kind, Language};
 
-use crate::devices::virtio::console::ConsoleHandle;
-use crate::sandbox::vm_seam::ExecChunk;
-
-/// Chunks buffered per stream before the device thread waits for the reader.
-const STREAM_BUFFER: usize = 256;
+use crate::devices::virtio::console::{ConsoleHandle, SinkFlow};
+use crate::guest::{stream, ExecChunk, Flow, StreamRx, StreamTx, EXEC_STREAM_LIMIT};
 /// Port count: 0 = agent, 1 = Python REPL.
 pub const PORTS: usize = 2;
 
@@ -41,7 +41,7 @@ pub enum ChannelError {
 #[derive(Default)]
 struct Inner {
     decoders: [Decoder; PORTS],
-    streams: HashMap<u32, SyncSender<ExecChunk>>,
+    streams: HashMap<u32, StreamTx<ExecChunk>>,
     next_stream: u32,
     ready: [u64; PORTS],
     pongs: u64,
@@ -83,7 +83,7 @@ impl Channel {
     }
 
     /// The callback the console device calls with guest bytes.
-    pub fn sink(&self) -> Box<dyn FnMut(u32, &[u8]) + Send> {
+    pub fn sink(&self) -> Box<dyn FnMut(u32, &[u8]) -> SinkFlow + Send> {
         let me = self.clone();
         Box::new(move |port, bytes| me.on_guest_bytes(port, bytes))
     }
@@ -93,47 +93,44 @@ impl Channel {
         *lock(&self.shared.console) = Some(console);
     }
 
-    fn on_guest_bytes(&self, port: u32, bytes: &[u8]) {
-        let mut deliveries: Vec<(SyncSender<ExecChunk>, ExecChunk)> = Vec::new();
-        {
-            let mut inner = lock(&self.shared.inner);
-            let Some(idx) = usize::try_from(port).ok().filter(|p| *p < PORTS) else { return };
-            inner.decoders[idx].push(bytes);
-            loop {
-                let frame = match inner.decoders[idx].next_frame() {
-                    Ok(Some(f)) => f,
-                    Ok(None) => break,
-                    Err(e) => {
-                        let msg = format!("port {port} sent malformed data: {e}");
-                        inner.decoders[idx] = Decoder::new();
-                        drop(inner);
-                        self.fail(&msg);
-                        return;
-                    }
-                };
-                route(&mut inner, idx, frame, &mut deliveries);
+    /// Decodes and routes guest bytes; never blocks (it runs on the device
+    /// thread). Asks the console to pause the port when a stream is full.
+    fn on_guest_bytes(&self, port: u32, bytes: &[u8]) -> SinkFlow {
+        let mut inner = lock(&self.shared.inner);
+        let Some(idx) = usize::try_from(port).ok().filter(|p| *p < PORTS) else { return SinkFlow::Continue };
+        inner.decoders[idx].push(bytes);
+        let mut flow = SinkFlow::Continue;
+        loop {
+            let frame = match inner.decoders[idx].next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    let msg = format!("port {port} sent malformed data: {e}");
+                    inner.decoders[idx] = Decoder::new();
+                    drop(inner);
+                    self.fail(&msg);
+                    return SinkFlow::Continue;
+                }
+            };
+            if route(&mut inner, idx, frame) == Flow::Full {
+                flow = SinkFlow::Pause;
             }
-            self.shared.changed.notify_all();
         }
-        // Send outside the lock: a slow reader must not block other streams'
-        // bookkeeping, only this device thread.
-        for (tx, chunk) in deliveries {
-            let _ = tx.send(chunk);
-        }
+        self.shared.changed.notify_all();
+        flow
     }
 
     /// Marks the channel failed: every open stream ends with `Failed`.
     pub fn fail(&self, reason: &str) {
-        let streams: Vec<SyncSender<ExecChunk>> = {
+        {
             let mut inner = lock(&self.shared.inner);
             if inner.failed.is_none() {
                 inner.failed = Some(reason.to_string());
             }
             self.shared.changed.notify_all();
-            inner.streams.drain().map(|(_, tx)| tx).collect()
-        };
-        for tx in streams {
-            let _ = tx.try_send(ExecChunk::Failed(reason.to_string()));
+            for (_, tx) in inner.streams.drain() {
+                tx.push(ExecChunk::Failed(reason.to_string()));
+            }
         }
         if let Some(c) = lock(&self.shared.console).as_ref() {
             c.close();
@@ -203,8 +200,20 @@ impl Channel {
     }
 
     /// Starts an exec: Python on the REPL port, bash on the agent port.
-    pub fn exec(&self, language: Language, code: &str) -> Result<Receiver<ExecChunk>, ChannelError> {
-        let (tx, rx) = sync_channel(STREAM_BUFFER);
+    pub fn exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, ChannelError> {
+        let port = match language {
+            Language::Python => podflare_proto::REPL_PORT,
+            Language::Bash => podflare_proto::AGENT_PORT,
+        };
+        let (tx, rx) = stream::bounded(EXEC_STREAM_LIMIT);
+        let weak: Weak<Shared> = Arc::downgrade(&self.shared);
+        tx.on_drain(move || {
+            if let Some(shared) = weak.upgrade() {
+                if let Some(c) = lock(&shared.console).as_ref() {
+                    c.resume_tx(port);
+                }
+            }
+        });
         let stream = {
             let mut inner = lock(&self.shared.inner);
             if let Some(f) = &inner.failed {
@@ -214,10 +223,6 @@ impl Channel {
             inner.next_stream = inner.next_stream.wrapping_add(1).max(1);
             inner.streams.insert(id, tx);
             id
-        };
-        let port = match language {
-            Language::Python => podflare_proto::REPL_PORT,
-            Language::Bash => podflare_proto::AGENT_PORT,
         };
         let mut frame = Vec::new();
         encode_json(&mut frame, Kind::Exec, stream, &ExecRequest { language, code: code.to_string() });
@@ -250,7 +255,8 @@ impl Channel {
     }
 }
 
-fn route(inner: &mut Inner, port: usize, frame: Frame, out: &mut Vec<(SyncSender<ExecChunk>, ExecChunk)>) {
+/// Applies one guest frame; says whether the stream it fed is now full.
+fn route(inner: &mut Inner, port: usize, frame: Frame) -> Flow {
     match frame.kind {
         Kind::Ready => inner.ready[port] += 1,
         Kind::Pong => inner.pongs += 1,
@@ -261,23 +267,24 @@ fn route(inner: &mut Inner, port: usize, frame: Frame, out: &mut Vec<(SyncSender
                 } else {
                     ExecChunk::Stderr(frame.payload)
                 };
-                out.push((tx.clone(), chunk));
+                return tx.push(chunk);
             }
         }
         Kind::Exit => {
             if let Some(tx) = inner.streams.remove(&frame.stream) {
-                out.push((tx, ExecChunk::Exit(podflare_proto::exit_code(&frame.payload))));
+                tx.push(ExecChunk::Exit(podflare_proto::exit_code(&frame.payload)));
             }
         }
         Kind::Error => {
             if let Some(tx) = inner.streams.remove(&frame.stream) {
                 let msg = String::from_utf8_lossy(&frame.payload).into_owned();
-                out.push((tx, ExecChunk::Failed(format!("guest refused the request: {msg}"))));
+                tx.push(ExecChunk::Failed(format!("guest refused the request: {msg}")));
             }
         }
         // Host-to-guest kinds coming back are a confused guest; ignore them.
         _ => {}
     }
+    Flow::Open
 }
 
 /// 32 bytes from the host's CSPRNG, hex encoded.
@@ -297,7 +304,7 @@ mod tests {
     #[test]
     fn frames_route_to_their_stream_and_end_it() {
         let ch = Channel::new();
-        let (tx, rx) = sync_channel(16);
+        let (tx, rx) = stream::bounded(1 << 20);
         lock(&ch.shared.inner).streams.insert(7, tx);
         let mut sink = ch.sink();
         let mut wire = Vec::new();
@@ -308,8 +315,8 @@ mod tests {
         let (a, b) = wire.split_at(5);
         sink(1, a);
         sink(1, b);
-        assert_eq!(rx.recv().unwrap(), ExecChunk::Stdout(b"hi\n".to_vec()));
-        assert_eq!(rx.recv().unwrap(), ExecChunk::Exit(2));
+        assert_eq!(rx.recv(), Some(ExecChunk::Stdout(b"hi\n".to_vec())));
+        assert_eq!(rx.recv(), Some(ExecChunk::Exit(2)));
         assert_eq!(ch.ready_count(1), 1);
         assert!(lock(&ch.shared.inner).streams.is_empty());
     }
@@ -317,11 +324,11 @@ mod tests {
     #[test]
     fn garbage_fails_every_open_stream() {
         let ch = Channel::new();
-        let (tx, rx) = sync_channel(16);
+        let (tx, rx) = stream::bounded(1 << 20);
         lock(&ch.shared.inner).streams.insert(3, tx);
         let mut sink = ch.sink();
         sink(0, &[0u8; 40]);
-        assert!(matches!(rx.recv().unwrap(), ExecChunk::Failed(_)));
+        assert!(matches!(rx.recv(), Some(ExecChunk::Failed(_))));
         assert!(ch.failure().is_some());
         assert!(ch.wait_ready(0, 0, Duration::from_millis(10)).is_err());
         sink(5, b"out-of-range port is ignored");

@@ -1,0 +1,195 @@
+//! One live sandbox: its guest, exec queue, activity clock (for the reaper)
+//! and replay ring; plus the stream-slot token that bounds open streams.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use super::queue::FifoQueue;
+use super::replay::ReplayRing;
+use crate::guest::{ExecChunk, Guest, GuestError, Language, StreamRx};
+
+/// Locks a mutex whose data stays consistent across a panic (counters,
+/// maps updated in one statement), so poisoning is not an error here.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Why an exec could not start.
+#[derive(Debug)]
+pub enum ExecStartError {
+    /// The sandbox was destroyed while the exec waited.
+    Destroyed,
+    /// The guest refused.
+    Guest(GuestError),
+}
+
+#[derive(Debug)]
+pub(super) struct Activity {
+    /// Execs queued or running.
+    active: usize,
+    /// Last exec start or end (or creation).
+    last: Instant,
+}
+
+/// One live sandbox.
+pub struct Sandbox {
+    id: String,
+    template: String,
+    persistent: bool,
+    created: Instant,
+    lifetime: Duration,
+    idle: Duration,
+    /// `None` once destroyed. Execs take the read lock only to start a
+    /// command, so destroy never waits for a running exec.
+    guest: RwLock<Option<Box<dyn Guest>>>,
+    queue: Arc<FifoQueue>,
+    activity: Mutex<Activity>,
+    replay: Mutex<ReplayRing>,
+}
+
+/// Why the reaper destroys a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Expiry {
+    Lifetime,
+    Idle,
+}
+
+impl Sandbox {
+    /// The `sbx_...` id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub(super) fn queue(&self) -> &Arc<FifoQueue> {
+        &self.queue
+    }
+
+    /// True after destroy (by the API or the reaper).
+    pub fn is_destroyed(&self) -> bool {
+        self.guest.read().unwrap_or_else(PoisonError::into_inner).is_none()
+    }
+
+    /// A new sandbox around a running guest.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        id: String,
+        template: String,
+        persistent: bool,
+        lifetime: Duration,
+        idle: Duration,
+        guest: Box<dyn Guest>,
+        replay_max_bytes: usize,
+    ) -> Self {
+        let now = Instant::now();
+        Sandbox {
+            id,
+            template,
+            persistent,
+            created: now,
+            lifetime,
+            idle,
+            guest: RwLock::new(Some(guest)),
+            queue: Arc::new(FifoQueue::default()),
+            activity: Mutex::new(Activity { active: 0, last: now }),
+            replay: Mutex::new(ReplayRing::new(replay_max_bytes)),
+        }
+    }
+
+    /// The template it was created from.
+    pub fn template(&self) -> &str {
+        &self.template
+    }
+
+    /// Frozen into a space (not destroyed) at its idle timeout, once spaces exist.
+    pub fn persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// Lifetime (`timeout_seconds`).
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    /// Idle limit (`idle_timeout_seconds`).
+    pub fn idle(&self) -> Duration {
+        self.idle
+    }
+
+    /// Execs queued or running.
+    pub fn busy(&self) -> bool {
+        lock(&self.activity).active > 0
+    }
+
+    /// The replay ring as NDJSON.
+    pub fn replay_ndjson(&self) -> Vec<u8> {
+        lock(&self.replay).to_ndjson()
+    }
+
+    /// Takes the guest out; dropping the result destroys the VM.
+    pub(super) fn take_guest(&self) -> Option<Box<dyn Guest>> {
+        self.guest.write().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    pub(super) fn start_exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, ExecStartError> {
+        let guest = self.guest.read().unwrap_or_else(PoisonError::into_inner);
+        match guest.as_ref() {
+            None => Err(ExecStartError::Destroyed),
+            Some(g) => g.exec(language, code).map_err(ExecStartError::Guest),
+        }
+    }
+
+    pub(super) fn record(&self, line: &[u8]) {
+        lock(&self.replay).push(line);
+    }
+
+    pub(super) fn exec_queued(&self) {
+        let mut a = lock(&self.activity);
+        a.active += 1;
+        a.last = Instant::now();
+    }
+
+    pub(super) fn exec_started(&self) {
+        lock(&self.activity).last = Instant::now();
+    }
+
+    pub(super) fn exec_finished(&self) {
+        let mut a = lock(&self.activity);
+        a.active = a.active.saturating_sub(1);
+        a.last = Instant::now();
+    }
+
+    pub(super) fn expiry(&self, now: Instant) -> Option<Expiry> {
+        if now.duration_since(self.created) >= self.lifetime {
+            return Some(Expiry::Lifetime);
+        }
+        let a = lock(&self.activity);
+        (a.active == 0 && now.duration_since(a.last) >= self.idle).then_some(Expiry::Idle)
+    }
+
+    pub(super) fn private_memory_bytes(&self) -> u64 {
+        let guest = self.guest.read().unwrap_or_else(PoisonError::into_inner);
+        guest.as_ref().map_or(0, |g| g.private_memory_bytes())
+    }
+}
+
+/// A held exec-stream slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct StreamSlot {
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+
+impl StreamSlot {
+    /// Takes one of `max` slots counted by `count`; `None` when all are taken.
+    pub(super) fn acquire(count: &Arc<AtomicUsize>, max: usize) -> Option<StreamSlot> {
+        count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(StreamSlot { count: Arc::clone(count) })
+    }
+}
