@@ -9,6 +9,7 @@
 pub mod boot;
 pub mod channel;
 pub mod config;
+pub mod device_manager;
 pub mod memory;
 pub mod snapshot;
 pub mod state;

@@ -24,7 +24,7 @@ use super::Backend;
 
 const MAGIC: &[u8; 8] = b"PFSNAP\r\n";
 /// Bumped on any change to the payload's meaning.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// Device and vCPU state is a few hundred KiB at most; anything bigger is not ours.
 const MAX_PAYLOAD: u64 = 64 << 20;

@@ -22,7 +22,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Address, Bytes};
 
-use super::{chain_descriptors, read_config_bytes, Interrupt, VirtioDevice};
+use super::{chain_descriptors, read_config_bytes, DeviceState, Interrupt, VirtioDevice};
 use crate::devices::{DeviceError, GuestMemory};
 
 /// Bytes per virtio-blk sector (fixed by the spec, whatever the host's).
@@ -47,9 +47,10 @@ struct Active {
 
 /// Saved state: the device has none of its own beyond its queue; the capacity
 /// is recorded to refuse restoring onto a different image.
-#[derive(Serialize, Deserialize)]
-struct BlockState {
-    capacity: u64,
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// Sectors of the image the snapshot was taken with.
+    pub capacity: u64,
 }
 
 /// A read-only virtio-blk device.
@@ -271,19 +272,20 @@ impl VirtioDevice for Block {
         self.active = None;
     }
 
-    fn save(&self) -> serde_json::Value {
-        serde_json::to_value(BlockState { capacity: self.capacity }).unwrap_or_default()
+    fn save(&self) -> DeviceState {
+        DeviceState::Block(BlockState { capacity: self.capacity })
     }
 
     fn restore(
         &mut self,
-        state: &serde_json::Value,
+        state: &DeviceState,
         mem: GuestMemory,
         interrupt: Interrupt,
         queues: Vec<Queue>,
     ) -> Result<(), DeviceError> {
-        let st = BlockState::deserialize(state)
-            .map_err(|e| DeviceError::BadState(format!("virtio-blk state: {e}")))?;
+        let DeviceState::Block(st) = state else {
+            return Err(DeviceError::BadState("virtio-blk given another device's state".into()));
+        };
         if st.capacity != self.capacity {
             return Err(DeviceError::BadState(format!(
                 "virtio-blk capacity {} saved, image has {}",

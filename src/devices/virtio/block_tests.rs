@@ -7,6 +7,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use crate::devices::virtio::console::{Console, SinkFlow};
 use crate::devices::virtio::testutil::{interrupt, mem, Rng, TempPath};
 
 const W: u16 = VRING_DESC_F_WRITE as u16;
@@ -269,7 +270,8 @@ fn save_restore_checks_capacity_and_resumes() {
     let small = TempPath::with_contents(&[0u8; 1024]);
     let mut wrong = Block::new(File::open(&small.0).unwrap(), "x").unwrap();
     assert!(wrong.restore(&saved, m.clone(), int.clone(), vec![]).is_err());
-    assert!(wrong.restore(&serde_json::json!({"nope": 1}), m.clone(), int, vec![]).is_err());
+    let console = Console::new(&["p"], Box::new(|_, _| SinkFlow::Continue)).unwrap().0;
+    assert!(wrong.restore(&console.save(), m.clone(), int, vec![]).is_err(), "another device's state");
 }
 
 #[test]

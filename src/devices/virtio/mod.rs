@@ -8,6 +8,7 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod shared;
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -77,6 +78,16 @@ impl Interrupt {
     }
 }
 
+/// Each virtio device kind's own saved state, typed (a snapshot holds no
+/// untyped blobs). A new device kind adds its variant here.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DeviceState {
+    /// virtio-blk.
+    Block(block::BlockState),
+    /// virtio-console.
+    Console(console::ConsoleState),
+}
+
 /// A virtio device model behind the mmio transport.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (2 = block, 3 = console).
@@ -102,14 +113,14 @@ pub trait VirtioDevice: Send {
     /// Back to the pre-activation state (drops the queues).
     fn reset(&mut self);
     /// Device-specific saved state, for snapshots.
-    fn save(&self) -> serde_json::Value;
+    fn save(&self) -> DeviceState;
     /// Restores `save()` output (untrusted). `queues` is empty when the
     /// device was not active when saved: then only the device state is
     /// restored and the device stays inactive; otherwise the device is active
     /// afterwards with these queues.
     fn restore(
         &mut self,
-        state: &serde_json::Value,
+        state: &DeviceState,
         mem: GuestMemory,
         interrupt: Interrupt,
         queues: Vec<Queue>,

@@ -322,6 +322,22 @@ mod tests {
     }
 
     #[test]
+    fn a_full_stream_pauses_the_port_without_blocking() {
+        let ch = Channel::new();
+        let (tx, rx) = stream::bounded(EXEC_STREAM_LIMIT);
+        lock(&ch.shared.inner).streams.insert(4, tx);
+        let mut sink = ch.sink();
+        let mut frame = Vec::new();
+        encode(&mut frame, Kind::Stdout, 4, &vec![b'x'; 1 << 20]);
+        let flows: Vec<SinkFlow> = (0..6).map(|_| sink(1, &frame)).collect();
+        assert_eq!(flows[0], SinkFlow::Continue);
+        assert_eq!(flows[5], SinkFlow::Pause, "over the limit: pause, never block");
+        assert!(rx.queued_bytes() > EXEC_STREAM_LIMIT);
+        drop(rx);
+        assert_eq!(sink(1, &frame), SinkFlow::Continue, "nobody reads: output is dropped");
+    }
+
+    #[test]
     fn garbage_fails_every_open_stream() {
         let ch = Channel::new();
         let (tx, rx) = stream::bounded(1 << 20);

@@ -7,6 +7,8 @@ use vm_memory::GuestAddress;
 
 use super::*;
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::DeviceState;
+use virtio_queue::QueueState;
 use crate::devices::virtio::testutil::{interrupt, mem, Rng, TempPath};
 
 /// What the dummy device saw, observable after it moved into the transport.
@@ -16,7 +18,7 @@ struct Seen {
     notifies: Vec<usize>,
     resets: usize,
     config_writes: Vec<(u64, Vec<u8>)>,
-    restored: Option<(serde_json::Value, usize)>,
+    restored: Option<(DeviceState, usize)>,
 }
 
 struct Dummy {
@@ -54,10 +56,10 @@ impl VirtioDevice for Dummy {
         self.queues.clear();
         self.seen.lock().unwrap().resets += 1;
     }
-    fn save(&self) -> serde_json::Value {
-        serde_json::json!({"dummy": true})
+    fn save(&self) -> DeviceState {
+        dummy_state()
     }
-    fn restore(&mut self, state: &serde_json::Value, _m: GuestMemory, _i: Interrupt, queues: Vec<Queue>) -> Result<(), DeviceError> {
+    fn restore(&mut self, state: &DeviceState, _m: GuestMemory, _i: Interrupt, queues: Vec<Queue>) -> Result<(), DeviceError> {
         self.seen.lock().unwrap().restored = Some((state.clone(), queues.len()));
         self.queues = queues;
         Ok(())
@@ -65,6 +67,11 @@ impl VirtioDevice for Dummy {
     fn queue_states(&self) -> Vec<QueueState> {
         self.queues.iter().map(|q| q.state()).collect()
     }
+}
+
+/// The dummy's own state: any typed value the transport must carry through.
+fn dummy_state() -> DeviceState {
+    DeviceState::Block(crate::devices::virtio::block::BlockState { capacity: 4242 })
 }
 
 fn dummy(sizes: &[u16]) -> (Box<Dummy>, Arc<Mutex<Seen>>) {
@@ -339,7 +346,7 @@ fn state_round_trips_and_validates() {
     let (int2, irq2) = interrupt();
     let mut r = MmioTransport::restore(&back, dev2, m.clone(), int2).unwrap();
     assert!(r.is_activated());
-    assert_eq!(seen2.lock().unwrap().restored, Some((serde_json::json!({"dummy": true}), 2)));
+    assert_eq!(seen2.lock().unwrap().restored, Some((dummy_state(), 2)));
     assert_eq!(r32(&mut r, REG_INTERRUPT_STATUS), 2);
     assert!(irq2.read().unwrap() > 0, "pending interrupt re-raised");
     assert_eq!(r.state(), st);

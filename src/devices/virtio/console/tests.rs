@@ -272,6 +272,35 @@ fn tx_bytes_reach_sink_in_order_per_port() {
 }
 
 #[test]
+fn sink_pause_leaves_the_tx_queue_until_resumed() {
+    let m = mem();
+    let log: Log = Arc::default();
+    let l = log.clone();
+    // A reader that takes one chunk, then says it is full.
+    let sink = Box::new(move |p: u32, b: &[u8]| {
+        let mut l = l.lock().unwrap();
+        l.push((p, b.to_vec()));
+        if l.len() == 1 { SinkFlow::Pause } else { SinkFlow::Continue }
+    });
+    let (mut c, h) = Console::with_limit(&NAMES, sink, 1 << 20).unwrap();
+    let mut d = Drv::new(&m, c.queue_max_sizes());
+    let (int, _irq) = interrupt();
+    c.activate(m.clone(), int, d.queues()).unwrap();
+    d.post_tx(1, b"one");
+    d.post_tx(1, b"two");
+    c.queue_notify(1);
+    assert_eq!(log.lock().unwrap().len(), 1, "paused after the first chain");
+    assert_eq!(d.take(1).len(), 1, "the second chain stays with the guest");
+    c.queue_notify(1);
+    assert_eq!(log.lock().unwrap().len(), 1, "notifies while paused take nothing");
+    h.resume_tx(0);
+    c.process_host_output();
+    let got: Vec<u8> = log.lock().unwrap().iter().flat_map(|(_, b)| b.clone()).collect();
+    assert_eq!(got, b"onetwo");
+    assert_eq!(d.take(1).len(), 1);
+}
+
+#[test]
 fn host_send_fills_rx_buffers_and_waits_for_more() {
     let m = mem();
     let (mut c, h, _, mut d, irq) = active(&m, 1 << 20);
@@ -408,11 +437,13 @@ fn save_restore_continues() {
     assert!(c3.restore(&saved, m.clone(), int.clone(), vec![]).is_err(), "pending over limit");
     let (mut c4, _) = Console::new(&["other", "names"], Box::new(|_, _| SinkFlow::Continue)).unwrap();
     assert!(c4.restore(&saved, m.clone(), int.clone(), vec![]).is_err());
-    let mut bad = saved.clone();
-    bad["ports"][0]["pending"] = serde_json::json!("!!not base64");
+    let mut bad = serde_json::to_value(&saved).unwrap();
+    bad["Console"]["ports"][0]["pending"] = serde_json::json!("!!not base64");
+    let bad: DeviceState = serde_json::from_value(bad).unwrap();
     let (mut c5, _, _) = console(1 << 20);
     assert!(c5.restore(&bad, m.clone(), int.clone(), vec![]).is_err());
-    assert!(c5.restore(&serde_json::json!(7), m.clone(), int, vec![]).is_err());
+    let other_kind = DeviceState::Block(crate::devices::virtio::block::BlockState { capacity: 7 });
+    assert!(c5.restore(&other_kind, m.clone(), int, vec![]).is_err());
 }
 
 #[test]

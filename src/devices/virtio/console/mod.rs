@@ -13,12 +13,13 @@
 //! only while the guest has the port open: Linux discards data that arrives
 //! for a port nobody has open.
 
+mod handle;
+mod persist;
+
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use base64::Engine;
-use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::desc::split::Descriptor;
@@ -26,7 +27,11 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Address, Bytes};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{chain_descriptors, read_config_bytes, Interrupt, VirtioDevice};
+pub use handle::ConsoleHandle;
+use handle::{PortShared, Shared, SharedState};
+pub use persist::{ConsoleState, PortState};
+
+use super::{chain_descriptors, read_config_bytes, DeviceState, Interrupt, VirtioDevice};
 use crate::devices::{DeviceError, GuestMemory};
 
 /// Feature bit: the device has several ports and a control queue pair.
@@ -82,130 +87,10 @@ pub enum SinkFlow {
 /// Must not block.
 pub type ConsoleSink = Box<dyn FnMut(u32, &[u8]) -> SinkFlow + Send>;
 
-/// Per-port state shared with [`ConsoleHandle`]s.
-#[derive(Default)]
-struct PortShared {
-    pending: VecDeque<u8>,
-    guest_open: bool,
-    /// The host asked to take the port's tx queue again after a pause.
-    resume_tx: bool,
-}
-
-struct SharedState {
-    closed: bool,
-    ports: Vec<PortShared>,
-}
-
-struct Shared {
-    state: Mutex<SharedState>,
-    /// Signalled whenever pending bytes shrink or the console closes.
-    drained: Condvar,
-    kick: EventFd,
-    limit: usize,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, SharedState> {
-        // A panicked sender must not take the device thread down with it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Host-side handle on the console's ports; cheap to clone, usable from any
-/// thread.
-#[derive(Clone)]
-pub struct ConsoleHandle {
-    shared: Arc<Shared>,
-}
-
-impl ConsoleHandle {
-    /// Queues `bytes` for the guest on `port` and kicks the device thread.
-    /// Blocks while the port already has the limit pending (the guest is not
-    /// reading), and fails once the console is closed. Must not be called
-    /// from the console's own sink (the device thread is what drains).
-    pub fn send(&self, port: u32, bytes: &[u8]) -> Result<(), DeviceError> {
-        let p = port as usize;
-        let mut rest = bytes;
-        let mut st = self.shared.lock();
-        if p >= st.ports.len() {
-            return Err(DeviceError::NoSuchPort(port));
-        }
-        loop {
-            if st.closed {
-                return Err(DeviceError::Closed);
-            }
-            if rest.is_empty() {
-                return Ok(());
-            }
-            let room = self.shared.limit.saturating_sub(st.ports[p].pending.len());
-            if room == 0 {
-                st = match self.shared.drained.wait_timeout(st, SEND_WAIT) {
-                    Ok((g, _)) => g,
-                    Err(e) => e.into_inner().0,
-                };
-                continue;
-            }
-            let n = room.min(rest.len());
-            st.ports[p].pending.extend(&rest[..n]);
-            rest = &rest[n..];
-            // Counter overflow is the only failure, and means already kicked.
-            let _ = self.shared.kick.write(1);
-        }
-    }
-
-    /// Whether the guest has `port` open.
-    pub fn guest_opened(&self, port: u32) -> bool {
-        self.shared
-            .lock()
-            .ports
-            .get(port as usize)
-            .is_some_and(|p| p.guest_open)
-    }
-
-    /// Host bytes queued for `port` and not yet in guest buffers.
-    pub fn pending(&self, port: u32) -> usize {
-        self.shared.lock().ports.get(port as usize).map_or(0, |p| p.pending.len())
-    }
-
-    /// Lets the device take `port`'s tx queue again after the sink paused
-    /// it (any thread; the device thread does the work).
-    pub fn resume_tx(&self, port: u32) {
-        if let Some(p) = self.shared.lock().ports.get_mut(port as usize) {
-            p.resume_tx = true;
-        }
-        // Counter overflow is the only failure, and means already kicked.
-        let _ = self.shared.kick.write(1);
-    }
-
-    /// Closes the console (VM teardown): blocked and later senders fail.
-    pub fn close(&self) {
-        self.shared.lock().closed = true;
-        self.shared.drained.notify_all();
-    }
-}
-
 struct Active {
     mem: GuestMemory,
     interrupt: Interrupt,
     queues: Vec<Queue>,
-}
-
-/// Saved state (see `VirtioDevice::save`).
-#[derive(Serialize, Deserialize)]
-struct ConsoleState {
-    port_names: Vec<String>,
-    device_ready: bool,
-    ports: Vec<PortState>,
-    /// Control messages not yet delivered, base64.
-    ctrl_pending: Vec<String>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct PortState {
-    ready: bool,
-    guest_open: bool,
-    /// Host bytes not yet delivered, base64.
-    pending: String,
 }
 
 /// A multiport virtio-console.
@@ -536,10 +421,6 @@ fn read_prefix(mem: &GuestMemory, descs: &[Descriptor], out: &mut [u8]) -> usize
     got
 }
 
-fn b64() -> base64::engine::GeneralPurpose {
-    base64::engine::general_purpose::STANDARD
-}
-
 impl VirtioDevice for Console {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_CONSOLE
@@ -622,75 +503,21 @@ impl VirtioDevice for Console {
         }
     }
 
-    fn save(&self) -> serde_json::Value {
-        let st = self.shared.lock();
-        let state = ConsoleState {
-            port_names: self.names.clone(),
-            device_ready: self.device_ready,
-            ports: st
-                .ports
-                .iter()
-                .zip(&self.port_ready)
-                .map(|(p, &ready)| PortState {
-                    ready,
-                    guest_open: p.guest_open,
-                    pending: b64().encode(p.pending.iter().copied().collect::<Vec<u8>>()),
-                })
-                .collect(),
-            ctrl_pending: self.ctrl_pending.iter().map(|m| b64().encode(m)).collect(),
-        };
-        serde_json::to_value(state).unwrap_or_default()
+    fn save(&self) -> DeviceState {
+        DeviceState::Console(self.save_state())
     }
 
     fn restore(
         &mut self,
-        state: &serde_json::Value,
+        state: &DeviceState,
         mem: GuestMemory,
         interrupt: Interrupt,
         queues: Vec<Queue>,
     ) -> Result<(), DeviceError> {
-        let bad = |m: String| DeviceError::BadState(format!("virtio-console state: {m}"));
-        let st = ConsoleState::deserialize(state).map_err(|e| bad(e.to_string()))?;
-        if st.port_names != self.names || st.ports.len() != self.names.len() {
-            return Err(bad(format!("ports {:?} saved, device has {:?}", st.port_names, self.names)));
-        }
-        if st.ctrl_pending.len() > MAX_CTRL_PENDING {
-            return Err(bad("too many control messages".into()));
-        }
-        let mut ctrl = VecDeque::with_capacity(st.ctrl_pending.len());
-        for m in &st.ctrl_pending {
-            let m = b64().decode(m).map_err(|e| bad(e.to_string()))?;
-            if m.len() < CTRL_HEADER_LEN || m.len() > CTRL_HEADER_LEN + 128 {
-                return Err(bad("control message size".into()));
-            }
-            ctrl.push_back(m);
-        }
-        let mut pending = Vec::with_capacity(st.ports.len());
-        for p in &st.ports {
-            // Checked before decoding: base64 is 4/3 of the bytes.
-            if p.pending.len() / 4 * 3 > self.shared.limit + 3 {
-                return Err(bad("pending bytes over the limit".into()));
-            }
-            let bytes = b64().decode(&p.pending).map_err(|e| bad(e.to_string()))?;
-            if bytes.len() > self.shared.limit {
-                return Err(bad("pending bytes over the limit".into()));
-            }
-            pending.push(bytes);
-        }
-        self.reset();
-        {
-            let mut sh = self.shared.lock();
-            for ((ps, saved), bytes) in sh.ports.iter_mut().zip(&st.ports).zip(pending) {
-                ps.guest_open = saved.guest_open;
-                ps.pending = bytes.into();
-            }
-        }
-        self.shared.drained.notify_all();
-        self.device_ready = st.device_ready;
-        for (r, saved) in self.port_ready.iter_mut().zip(&st.ports) {
-            *r = saved.ready;
-        }
-        self.ctrl_pending = ctrl;
+        let DeviceState::Console(st) = state else {
+            return Err(DeviceError::BadState("virtio-console given another device's state".into()));
+        };
+        self.restore_state(st)?;
         if queues.is_empty() {
             return Ok(());
         }
@@ -710,5 +537,4 @@ impl VirtioDevice for Console {
 }
 
 #[cfg(test)]
-#[path = "console_tests.rs"]
 mod tests;

@@ -1,0 +1,373 @@
+//! The device manager: which devices a VM has, where each sits on the
+//! buses, which interrupt it raises, its typed saved state, and the device
+//! thread that runs their queue work.
+//!
+//! The VM lifecycle (`vm.rs`) never names a device: it hands in the
+//! [`Backends`] (what a device talks to outside the guest: the base image,
+//! the channel's sink, the console log) and gets buses, notifiers and one
+//! state record back. A new device (a network card with its tap backend, a
+//! shared-memory region) is a row in [`LAYOUT`], a variant of
+//! [`DeviceSnapshot`], a field of [`Backends`] and a match arm in `build`.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{memory, VmStatus, VmmError};
+use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::serial::{ConsoleLog, SerialDevice, SerialState};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::console::{Console, ConsoleHandle, ConsoleSink};
+use crate::devices::virtio::mmio::{MmioState, MmioTransport, MMIO_LEN, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::shared::SharedDevice;
+use crate::devices::virtio::Interrupt;
+use crate::devices::GuestMemory;
+
+/// Names the guest sees for the channel ports (in `/sys/class/virtio-ports`).
+pub const PORT_NAMES: [&str; 2] = ["podflare.agent", "podflare.repl"];
+
+/// Which bus a device is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusKind {
+    /// x86 port I/O.
+    Pio,
+    /// Memory-mapped I/O (virtio-mmio windows).
+    Mmio,
+}
+
+/// What a device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// 16550A UART: the guest's kernel console, kept in a bounded log.
+    Serial,
+    /// Read-only virtio-blk over the template's base image.
+    Block,
+    /// Multiport virtio-console carrying the agent channel.
+    Console,
+}
+
+/// One row of the device table.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceSlot {
+    /// Name in snapshots and logs.
+    pub name: &'static str,
+    /// The device.
+    pub kind: DeviceKind,
+    /// Its bus.
+    pub bus: BusKind,
+    /// First address (port or guest-physical).
+    pub base: u64,
+    /// Window length.
+    pub len: u64,
+    /// The interrupt line (GSI) it raises.
+    pub gsi: u32,
+}
+
+/// Every VM's devices, in build order. The guest learns the virtio ones
+/// from its command line ([`virtio_mmio_devices`]).
+pub const LAYOUT: [DeviceSlot; 3] = [
+    DeviceSlot { name: "serial", kind: DeviceKind::Serial, bus: BusKind::Pio, base: 0x3f8, len: 8, gsi: 4 },
+    DeviceSlot {
+        name: "block",
+        kind: DeviceKind::Block,
+        bus: BusKind::Mmio,
+        base: memory::MMIO_START,
+        len: MMIO_LEN,
+        gsi: 5,
+    },
+    DeviceSlot {
+        name: "console",
+        kind: DeviceKind::Console,
+        bus: BusKind::Mmio,
+        base: memory::MMIO_START + MMIO_LEN,
+        len: MMIO_LEN,
+        gsi: 6,
+    },
+];
+
+/// `(window base, GSI)` of every virtio-mmio device, for the command line.
+pub fn virtio_mmio_devices() -> Vec<(u64, u32)> {
+    LAYOUT.iter().filter(|d| d.bus == BusKind::Mmio).map(|d| (d.base, d.gsi)).collect()
+}
+
+/// What devices talk to outside the guest. Not part of a snapshot: handed in
+/// again at every restore.
+pub struct Backends {
+    /// The base image (the very file a snapshot was taken with).
+    pub rootfs: File,
+    /// Where the console delivers guest bytes (the channel).
+    pub channel_sink: ConsoleSink,
+    /// Where the serial console's output is kept.
+    pub console_log: Arc<ConsoleLog>,
+}
+
+/// One device's saved state, typed by kind.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DeviceSnapshot {
+    /// The UART.
+    Serial(SerialState),
+    /// A virtio-mmio device: transport plus the device's own typed state.
+    Virtio(MmioState),
+}
+
+/// Saved state of every device, by table name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// `(name, state)` in table order.
+    pub devices: Vec<(String, DeviceSnapshot)>,
+}
+
+impl DevicesState {
+    fn get(&self, name: &str) -> Result<&DeviceSnapshot, VmmError> {
+        self.devices
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s)
+            .ok_or_else(|| VmmError::Config(format!("snapshot has no state for device {name:?}")))
+    }
+}
+
+enum Live {
+    Serial(Arc<Mutex<SerialDevice>>),
+    Virtio(Arc<Mutex<MmioTransport>>),
+}
+
+/// What a notifier eventfd wakes on the device thread.
+enum NotifyTarget {
+    /// The guest wrote a queue index to QueueNotify.
+    Queue(Arc<Mutex<MmioTransport>>, usize),
+    /// Host code queued output for the console.
+    ConsoleKick(Arc<Mutex<Console>>),
+}
+
+/// An eventfd the device thread waits on, and what it wakes.
+pub struct Notifier {
+    fd: EventFd,
+    target: NotifyTarget,
+}
+
+/// A VM's devices.
+pub struct DeviceManager {
+    live: Vec<(DeviceSlot, Live)>,
+    console_handle: ConsoleHandle,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Device state stays consistent between calls; a panic fails the VM.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |e| VmmError::Kvm { what, source: e }
+}
+
+fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmmError> {
+    let evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::Io)?;
+    vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+    Ok(evt)
+}
+
+fn queue_ioevent(vm: &VmFd, base: u64, queue: usize) -> Result<EventFd, VmmError> {
+    let evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::Io)?;
+    vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), queue as u32)
+        .map_err(kvm_err("KVM_IOEVENTFD"))?;
+    Ok(evt)
+}
+
+impl DeviceManager {
+    /// Builds every device of [`LAYOUT`] with its interrupt and queue
+    /// notifiers; from `saved` (untrusted, validated by each device) when
+    /// restoring. Returns the notifiers for [`DeviceManager::spawn_thread`].
+    pub fn build(
+        vm: &VmFd,
+        mem: &GuestMemory,
+        backends: Backends,
+        saved: Option<&DevicesState>,
+    ) -> Result<(DeviceManager, Vec<Notifier>), VmmError> {
+        let Backends { rootfs, channel_sink, console_log } = backends;
+        let (mut rootfs, mut channel_sink) = (Some(rootfs), Some(channel_sink));
+        let mut live = Vec::with_capacity(LAYOUT.len());
+        let mut notifiers = Vec::new();
+        let mut console_handle = None;
+        for slot in LAYOUT {
+            let state = saved.map(|s| s.get(slot.name)).transpose()?;
+            let irq = irqfd(vm, slot.gsi)?;
+            let device = match slot.kind {
+                DeviceKind::Serial => {
+                    let serial = match state {
+                        Some(DeviceSnapshot::Serial(s)) => SerialDevice::restore(s, irq, console_log.clone())?,
+                        Some(_) => return Err(wrong_kind(slot)),
+                        None => SerialDevice::new(irq, console_log.clone())?,
+                    };
+                    Live::Serial(Arc::new(Mutex::new(serial)))
+                }
+                DeviceKind::Block => {
+                    let image = rootfs.take().ok_or_else(|| wrong_kind(slot))?;
+                    let dev = Box::new(Block::new(image, "podflare-rootfs")?);
+                    Live::Virtio(virtio(slot, dev, mem, irq, state)?)
+                }
+                DeviceKind::Console => {
+                    let sink = channel_sink.take().ok_or_else(|| wrong_kind(slot))?;
+                    let (model, handle) = Console::new(&PORT_NAMES, sink)?;
+                    let kick = model.kick_fd().try_clone().map_err(VmmError::Io)?;
+                    let model = Arc::new(Mutex::new(model));
+                    notifiers.push(Notifier { fd: kick, target: NotifyTarget::ConsoleKick(model.clone()) });
+                    console_handle = Some(handle);
+                    Live::Virtio(virtio(slot, Box::new(SharedDevice::new(model)), mem, irq, state)?)
+                }
+            };
+            if let Live::Virtio(t) = &device {
+                for q in 0..lock(t).num_queues() {
+                    let fd = queue_ioevent(vm, slot.base, q)?;
+                    notifiers.push(Notifier { fd, target: NotifyTarget::Queue(t.clone(), q) });
+                }
+            }
+            live.push((slot, device));
+        }
+        let console_handle =
+            console_handle.ok_or_else(|| VmmError::Config("the device table has no console".into()))?;
+        Ok((DeviceManager { live, console_handle }, notifiers))
+    }
+
+    /// Every device's state. Take it with the vCPUs paused.
+    pub fn save(&self) -> DevicesState {
+        let devices = self
+            .live
+            .iter()
+            .map(|(slot, dev)| {
+                let state = match dev {
+                    Live::Serial(s) => DeviceSnapshot::Serial(lock(s).state()),
+                    Live::Virtio(t) => DeviceSnapshot::Virtio(lock(t).state()),
+                };
+                (slot.name.to_string(), state)
+            })
+            .collect();
+        DevicesState { devices }
+    }
+
+    /// The bus of `kind` with every device of the table that sits on it.
+    pub fn bus(&self, kind: BusKind) -> Result<Bus, VmmError> {
+        let mut bus = Bus::new();
+        for (slot, dev) in self.live.iter().filter(|(s, _)| s.bus == kind) {
+            let dev: Arc<Mutex<dyn BusDevice>> = match dev {
+                Live::Serial(s) => s.clone(),
+                Live::Virtio(t) => t.clone(),
+            };
+            bus.insert(slot.base, slot.len, dev)?;
+        }
+        Ok(bus)
+    }
+
+    /// The console's host-side handle (the channel sends through it).
+    pub fn console_handle(&self) -> &ConsoleHandle {
+        &self.console_handle
+    }
+
+    /// Starts the VM's device thread: it waits on the queue notifiers and
+    /// host kicks and runs the device code for each, until `stop` is
+    /// written. Guest-facing code runs here, so a panic is caught and fails
+    /// only this VM.
+    pub fn spawn_thread(
+        name: &str,
+        stop: &EventFd,
+        notifiers: Vec<Notifier>,
+        status: Arc<VmStatus>,
+    ) -> Result<JoinHandle<()>, VmmError> {
+        use std::os::unix::io::AsRawFd;
+        const STOP_TOKEN: u64 = u64::MAX;
+        let epoll = Epoll::new().map_err(VmmError::Io)?;
+        epoll
+            .ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))
+            .map_err(VmmError::Io)?;
+        for (i, n) in notifiers.iter().enumerate() {
+            epoll
+                .ctl(ControlOperation::Add, n.fd.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64))
+                .map_err(VmmError::Io)?;
+        }
+        let stop = stop.try_clone().map_err(VmmError::Io)?;
+        std::thread::Builder::new()
+            .name(format!("{name}-dev"))
+            .spawn(move || {
+                let body = std::panic::AssertUnwindSafe(|| {
+                    let mut events = vec![EpollEvent::default(); 16];
+                    loop {
+                        let n = match epoll.wait(-1, &mut events) {
+                            Ok(n) => n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(e) => {
+                                status.fail(format!("device thread epoll failed: {e}"));
+                                return;
+                            }
+                        };
+                        for ev in &events[..n] {
+                            if ev.data() == STOP_TOKEN {
+                                let _ = stop.read();
+                                return;
+                            }
+                            let Some(n) = notifiers.get(ev.data() as usize) else { continue };
+                            let _ = n.fd.read();
+                            match &n.target {
+                                NotifyTarget::Queue(t, q) => lock(t).queue_notify(*q),
+                                NotifyTarget::ConsoleKick(c) => lock(c).process_host_output(),
+                            }
+                        }
+                    }
+                });
+                if std::panic::catch_unwind(body).is_err() {
+                    status.fail("device emulation panicked".to_string());
+                }
+            })
+            .map_err(VmmError::Io)
+    }
+}
+
+fn wrong_kind(slot: DeviceSlot) -> VmmError {
+    VmmError::Config(format!("device {:?}: saved state or backend of another kind", slot.name))
+}
+
+/// A virtio device behind a new transport, restored from `state` if given.
+fn virtio(
+    slot: DeviceSlot,
+    dev: Box<dyn crate::devices::virtio::VirtioDevice>,
+    mem: &GuestMemory,
+    irq: EventFd,
+    state: Option<&DeviceSnapshot>,
+) -> Result<Arc<Mutex<MmioTransport>>, VmmError> {
+    let irq = Interrupt::new(irq);
+    let transport = match state {
+        Some(DeviceSnapshot::Virtio(s)) => MmioTransport::restore(s, dev, mem.clone(), irq)?,
+        Some(_) => return Err(wrong_kind(slot)),
+        None => MmioTransport::new(dev, mem.clone(), irq),
+    };
+    Ok(Arc::new(Mutex::new(transport)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_no_overlaps_and_distinct_lines() {
+        for (i, a) in LAYOUT.iter().enumerate() {
+            for b in &LAYOUT[i + 1..] {
+                assert_ne!(a.name, b.name);
+                assert_ne!(a.gsi, b.gsi, "{} and {} share a GSI", a.name, b.name);
+                if a.bus == b.bus {
+                    assert!(a.base + a.len <= b.base || b.base + b.len <= a.base, "{} overlaps {}", a.name, b.name);
+                }
+            }
+        }
+        assert_eq!(virtio_mmio_devices().len(), 2);
+    }
+
+    #[test]
+    fn missing_device_state_is_an_error() {
+        let st = DevicesState { devices: vec![] };
+        assert!(st.get("serial").is_err());
+    }
+}
