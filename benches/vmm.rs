@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use podflare_hostd::guest::{ExecChunk, Guest, GuestFactory, GuestSpec, Language};
-use podflare_hostd::vmm::templates::VmFactory;
+use podflare_hostd::vmm::factory::VmFactory;
 use podflare_hostd::vmm::vm::{Vm, VmSpec};
 use podflare_hostd::vmm::{memory, Backend, VmmConfig};
 
@@ -171,7 +171,7 @@ fn qemu_boot_to_ready(script: &str, cfg: &VmmConfig) -> Option<Duration> {
 }
 
 fn bench_restore(f: &VmFactory) {
-    let spec = GuestSpec { template: "default".into(), egress: true };
+    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new() };
     let mut restore = Vec::new();
     let mut first = Vec::new();
     let mut private = Vec::new();
@@ -215,7 +215,7 @@ fn bench_restore(f: &VmFactory) {
 }
 
 fn bench_throughput(f: &VmFactory) {
-    let g = f.create_running(&GuestSpec { template: "default".into(), egress: true }).expect("create");
+    let g = f.create_running(&GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new() }).expect("create");
     let code = "import sys\n_b = 'x' * (64 << 20)\n";
     wait_exit(g.exec(Language::Python, code).expect("exec")).expect("prepare");
     let t = Instant::now();
@@ -238,7 +238,7 @@ fn bench_pool(cfg: &VmmConfig) {
         Ok(f) => f,
         Err(e) => return row("create from warm pool", format!("failed: {e}"), "", ""),
     };
-    let spec = GuestSpec { template: "default".into(), egress: true };
+    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new() };
     let mut times = Vec::new();
     for _ in 0..12 {
         // Let the filler top the pool up between creates.
@@ -265,7 +265,7 @@ fn cpu_seconds() -> f64 {
 
 fn bench_density(f: &VmFactory) {
     let max = env_usize("PODFLARE_BENCH_IDLE_MAX", 600);
-    let spec = GuestSpec { template: "default".into(), egress: true };
+    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new() };
     let mut live = Vec::new();
     let started = Instant::now();
     let mut refused = None;

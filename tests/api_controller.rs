@@ -78,3 +78,29 @@ fn dropping_a_queued_stream_lets_the_next_one_run() {
     assert!(lines[0].contains(r#""data":"c""#));
     assert_eq!(c.manager().capacity()["streams"]["active"], 0);
 }
+
+#[test]
+fn exec_code_over_the_frame_limit_is_refused_before_it_streams() {
+    let c = controller();
+    let id = create(&c);
+    let limit = podflare_hostd::guest::MAX_FRAME_PAYLOAD;
+    // Exactly the largest code that fits, then one byte more.
+    let envelope = podflare_hostd::guest::exec_request_len(Language::Python, "");
+    let fits = "x".repeat(limit - envelope);
+    assert!(matches!(
+        c.execute(Action::Exec { id: id.clone(), language: Language::Python, code: fits.clone() }),
+        Ok(Reply::Stream(_))
+    ));
+    let over = fits + "x";
+    match c.execute(Action::Exec { id: id.clone(), language: Language::Python, code: over }) {
+        Err(e @ SandboxError::CodeTooLarge { .. }) => assert!(e.to_string().contains("limit"), "{e}"),
+        Err(e) => panic!("wrong error {e}"),
+        Ok(r) => panic!("accepted: {r:?}"),
+    }
+    // Control characters count as their escapes.
+    let escaped = "\u{1}".repeat(limit / 6 + 1);
+    assert!(matches!(
+        c.execute(Action::Exec { id, language: Language::Bash, code: escaped }),
+        Err(SandboxError::CodeTooLarge { .. })
+    ));
+}

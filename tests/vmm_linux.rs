@@ -13,7 +13,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use podflare_hostd::guest::{ExecChunk, Guest, GuestSpec, Language};
-use podflare_hostd::vmm::templates::{restore_vm_from, save_vm, RunningGuest, VmFactory};
+use podflare_hostd::vmm::factory::{RunningGuest, VmFactory};
+use podflare_hostd::vmm::persist::{restore_vm_from, save_vm};
 use podflare_hostd::vmm::vm::{Vm, VmSpec};
 use podflare_hostd::vmm::{Backend, VmmConfig};
 
@@ -34,7 +35,7 @@ fn factory() -> Option<&'static VmFactory> {
 }
 
 fn spec() -> GuestSpec {
-    GuestSpec { template: "default".into(), egress: true }
+    GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new() }
 }
 
 struct Output {

@@ -16,6 +16,28 @@ pub use stream::{Flow, StreamRx, StreamTx, Weigh};
 /// wait (its output stays in its own queues until the reader catches up).
 pub const EXEC_STREAM_LIMIT: usize = 4 << 20;
 
+/// Most bytes of one frame to the guest (the protocol's payload limit).
+pub const MAX_FRAME_PAYLOAD: usize = podflare_proto::MAX_PAYLOAD;
+
+/// Bytes of the exec request frame's payload for `code`: the JSON of
+/// `{"language": ..., "code": ...}` as serde_json writes it, counted without
+/// building it (the code may be tens of MiB).
+pub fn exec_request_len(language: Language, code: &str) -> usize {
+    let lang = match language {
+        Language::Python => "python",
+        Language::Bash => "bash",
+    };
+    let escaped: usize = code
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum();
+    r#"{"language":"","code":""}"#.len() + lang.len() + escaped
+}
+
 /// Output of one exec, in the order the guest produced it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecChunk {
@@ -66,6 +88,8 @@ pub struct GuestSpec {
     pub template: String,
     /// Network egress allowed.
     pub egress: bool,
+    /// The sandbox id this guest will serve (for log lines).
+    pub sandbox_id: String,
 }
 
 /// Creates guests. One per hostd process; shared by all worker threads.
@@ -87,4 +111,19 @@ pub trait Guest: Send + Sync {
     fn exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, GuestError>;
     /// Host memory this guest holds privately (bytes), for capacity reports.
     fn private_memory_bytes(&self) -> u64;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_request_len_is_what_serde_writes() {
+        for code in ["", "print(1)", "a\"b\\c\n\r\t\u{8}\u{c}\u{1}\u{1f}\u{7f}é\u{2028}", "x".repeat(1000).as_str()] {
+            for language in [Language::Python, Language::Bash] {
+                let real = serde_json::to_vec(&podflare_proto::ExecRequest { language, code: code.into() }).unwrap();
+                assert_eq!(exec_request_len(language, code), real.len(), "{code:?}");
+            }
+        }
+    }
 }

@@ -69,11 +69,12 @@ impl Manager {
         if !served.contains(&template) {
             return Err(SandboxError::UnknownTemplate { template, served });
         }
-        let spec = GuestSpec { template: template.clone(), egress: p.egress };
+        let id = format!("sbx_{}", random_hex32()?);
+        let spec = GuestSpec { template: template.clone(), egress: p.egress, sandbox_id: id.clone() };
         // Guest creation can take a while (restore); no lock is held.
         let guest = self.factory.create(&spec).map_err(SandboxError::from_guest)?;
         let sb = Arc::new(Sandbox::new(
-            format!("sbx_{}", random_hex32()?),
+            id,
             template,
             p.persistent,
             Duration::from_secs(self.cfg.timeout_seconds.resolve(p.timeout_seconds)),
@@ -125,6 +126,10 @@ impl Manager {
     /// Queues an exec on `id`. The stream runs it when earlier execs are done.
     pub fn exec(&self, id: &str, language: Language, code: String) -> Result<ExecStream, SandboxError> {
         let sb = self.get(id)?;
+        let bytes = crate::guest::exec_request_len(language, &code);
+        if bytes > crate::guest::MAX_FRAME_PAYLOAD {
+            return Err(SandboxError::CodeTooLarge { bytes, limit: crate::guest::MAX_FRAME_PAYLOAD });
+        }
         let slot = self.acquire_stream()?;
         Ok(ExecStream::new(sb, language, code, self.cfg.keepalive, slot))
     }

@@ -47,6 +47,14 @@ pub enum SandboxError {
     /// The host cannot take another sandbox (memory or count).
     #[error("host at capacity: {0}")]
     Capacity(String),
+    /// An exec's code does not fit in one frame to the guest.
+    #[error("too large: the exec request would be {bytes} bytes once encoded for the guest; the limit is {limit} bytes")]
+    CodeTooLarge {
+        /// Encoded size.
+        bytes: usize,
+        /// The protocol's limit.
+        limit: usize,
+    },
     /// The endpoint exists in the contract but this host does not serve it yet.
     #[error("{0} is not implemented yet on this host")]
     NotImplemented(&'static str),

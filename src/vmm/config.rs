@@ -3,9 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::config::LogFormat;
+use crate::obs::Logger;
+
 /// Everything the VMM needs to know from the operator.
 #[derive(Debug, Clone)]
 pub struct VmmConfig {
+    /// Where VMM log lines go, in `PODFLARE_LOG_FORMAT`.
+    pub log: Logger,
     /// `PODFLARE_CACHE` (default `/var/lib/podflare`): built kernel, images, snapshots.
     pub cache_dir: PathBuf,
     /// `PODFLARE_KERNEL`: guest kernel (default `<cache>/kernel/current`, a link to the built vmlinux).
@@ -59,7 +64,14 @@ impl VmmConfig {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect();
+        // The value was already checked by the HTTP settings; anything but
+        // `json` is text.
+        let format = match std::env::var("PODFLARE_LOG_FORMAT").as_deref() {
+            Ok("json") => LogFormat::Json,
+            _ => LogFormat::Text,
+        };
         Ok(VmmConfig {
+            log: Logger::new(format),
             cache_dir,
             kernel,
             templates,

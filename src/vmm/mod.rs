@@ -13,14 +13,19 @@ pub mod device_manager;
 pub mod memory;
 pub mod snapshot;
 pub mod state;
-pub mod templates;
+pub mod factory;
+pub mod persist;
+pub mod template;
 pub mod vcpu;
 pub mod vm;
 
 use std::sync::{Arc, Mutex};
 
 use channel::Channel;
+use serde_json::json;
+
 use crate::guest::GuestFactory;
+use crate::obs::{Level, Logger};
 pub use config::VmmConfig;
 
 /// Which kind of KVM this host has.
@@ -104,34 +109,66 @@ pub enum VmmError {
     Io(#[source] std::io::Error),
 }
 
+/// Who a VM is in log lines: its name, the sandbox it serves, the logger.
+struct VmLabel {
+    log: Logger,
+    sandbox: Option<String>,
+}
+
 /// Running, shut down, or failed: shared by a VM's threads.
 pub struct VmStatus {
     state: Mutex<Option<String>>,
     channel: Channel,
+    vm: String,
+    label: Mutex<VmLabel>,
 }
 
 impl VmStatus {
-    fn new(channel: Channel) -> Self {
-        VmStatus { state: Mutex::new(None), channel }
+    fn new(vm: &str, channel: Channel) -> Self {
+        VmStatus {
+            state: Mutex::new(None),
+            channel,
+            vm: vm.to_string(),
+            // Until labelled, lines go to stderr as text.
+            label: Mutex::new(VmLabel { log: Logger::new(crate::config::LogFormat::Text), sandbox: None }),
+        }
+    }
+
+    /// Sets the logger and the sandbox id this VM's lines carry.
+    pub fn label(&self, log: Logger, sandbox: Option<String>) {
+        *self.label.lock().unwrap_or_else(|p| p.into_inner()) = VmLabel { log, sandbox };
     }
 
     /// Records a clean stop (guest powered off or reset).
     pub fn exit(&self, why: &str) {
-        self.set(why.to_string());
+        if self.set(why.to_string()) {
+            self.log(Level::Info, "VM stopped", why);
+        }
     }
 
     /// Records a failure of this VM only; open execs end with an error.
     pub fn fail(&self, why: String) {
-        self.set(why);
+        if self.set(why.clone()) {
+            self.log(Level::Error, "VM failed", &why);
+        }
     }
 
-    fn set(&self, why: String) {
+    fn log(&self, level: Level, msg: &str, cause: &str) {
+        let label = self.label.lock().unwrap_or_else(|p| p.into_inner());
+        let sandbox = label.sandbox.as_deref().map_or(serde_json::Value::Null, |s| json!(s));
+        label.log.log(level, msg, &[("vm", json!(self.vm)), ("sandbox", sandbox), ("cause", json!(cause))]);
+    }
+
+    /// Records the first stop reason; true if this call set it.
+    fn set(&self, why: String) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if s.is_none() {
+        let first = s.is_none();
+        if first {
             *s = Some(why.clone());
         }
         drop(s);
         self.channel.fail(&why);
+        first
     }
 
     /// Why the VM stopped, if it did.
@@ -143,6 +180,6 @@ impl VmStatus {
 /// Opens `/dev/kvm`, prepares (or loads cached) template snapshots and
 /// returns the factory the sandbox manager creates guests with.
 pub fn start_factory(cfg: VmmConfig) -> Result<Arc<dyn GuestFactory>, VmmError> {
-    let factory = templates::VmFactory::open(cfg)?;
+    let factory = factory::VmFactory::open(cfg)?;
     Ok(Arc::new(factory))
 }

@@ -206,7 +206,7 @@ impl Vm {
         msr_indices: Vec<u32>,
     ) -> Result<Vm, VmmError> {
         super::vcpu::install_kick_handler().map_err(VmmError::Config)?;
-        let status = Arc::new(VmStatus::new(channel.clone()));
+        let status = Arc::new(VmStatus::new(name, channel.clone()));
         let stop = EventFd::new(EFD_NONBLOCK).map_err(VmmError::Io)?;
         let device_thread = DeviceManager::spawn_thread(name, &stop, notifiers, status.clone())?;
         channel.attach(devices.console_handle().clone());

@@ -224,9 +224,17 @@ impl Channel {
             inner.streams.insert(id, tx);
             id
         };
+        // Checked here too (the API refuses such code first): the encoder
+        // panics on an oversized payload, and that must never be reachable.
+        let payload = serde_json::to_vec(&ExecRequest { language, code: code.to_string() }).unwrap_or_default();
         let mut frame = Vec::new();
-        encode_json(&mut frame, Kind::Exec, stream, &ExecRequest { language, code: code.to_string() });
-        if let Err(e) = self.send(port, &frame) {
+        let sent = if payload.len() > podflare_proto::MAX_PAYLOAD {
+            Err(ChannelError::Failed(format!("exec request of {} bytes is over the frame limit", payload.len())))
+        } else {
+            encode(&mut frame, Kind::Exec, stream, &payload);
+            self.send(port, &frame)
+        };
+        if let Err(e) = sent {
             lock(&self.shared.inner).streams.remove(&stream);
             return Err(e);
         }

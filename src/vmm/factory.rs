@@ -1,0 +1,348 @@
+//! The guest factory the sandbox manager creates guests with: restore on
+//! create from a template snapshot, the optional warm pool, admission, and
+//! the capacity counters.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::Kvm;
+use serde_json::json;
+
+use super::snapshot::SnapshotMeta;
+use super::template::{self, Template};
+use super::vm::Vm;
+use super::{memory, persist, Backend, VmmConfig, VmmError};
+use crate::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language, StreamRx};
+
+/// Host memory set aside per new sandbox when deciding admission.
+const ADMISSION_RESERVE_MIB: u64 = 64;
+
+#[derive(Default)]
+struct Counters {
+    pool_hits: AtomicU64,
+    pool_misses: AtomicU64,
+    created: AtomicU64,
+    live: AtomicUsize,
+    restore_ns_total: AtomicU64,
+}
+
+struct Pool {
+    ready: Mutex<HashMap<String, Vec<Vm>>>,
+    wake: Condvar,
+}
+
+struct Inner {
+    kvm: Kvm,
+    cfg: VmmConfig,
+    backend: Backend,
+    templates: HashMap<String, Template>,
+    counters: Counters,
+    pool: Pool,
+    next_vm: AtomicU64,
+}
+
+/// Restores guests from template snapshots.
+pub struct VmFactory {
+    inner: Arc<Inner>,
+}
+
+impl VmFactory {
+    /// Opens KVM, and loads or builds every configured template's snapshot.
+    pub fn open(cfg: VmmConfig) -> Result<VmFactory, VmmError> {
+        let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
+        let backend = Backend::detect();
+        let what = match backend {
+            Backend::Pvm => "kvm_pvm loaded: guest kernel is emulated, PVM guest settings applied",
+            Backend::Hardware => "hardware virtualization",
+        };
+        cfg.log.info("KVM backend", &[("backend", json!(backend.name())), ("detail", json!(what))]);
+        if !cfg.kernel.is_file() {
+            return Err(VmmError::File {
+                path: cfg.kernel.display().to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "guest kernel not found; run scripts/setup or set PODFLARE_KERNEL"),
+            });
+        }
+        // Templates build in parallel: each cold boot keeps one vCPU busy.
+        let built: Vec<Result<Template, VmmError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = cfg
+                .templates
+                .iter()
+                .map(|name| {
+                    let (kvm, cfg) = (&kvm, &cfg);
+                    scope.spawn(move || template::prepare_template(kvm, cfg, backend, name))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(VmmError::Guest("template preparation panicked".into()))))
+                .collect()
+        });
+        let mut templates = HashMap::new();
+        for t in built {
+            let t = t?;
+            templates.insert(t.name.clone(), t);
+        }
+        let inner = Arc::new(Inner {
+            kvm,
+            cfg,
+            backend,
+            templates,
+            counters: Counters::default(),
+            pool: Pool { ready: Mutex::new(HashMap::new()), wake: Condvar::new() },
+            next_vm: AtomicU64::new(1),
+        });
+        if inner.cfg.pool_size > 0 {
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name("pool-filler".into())
+                .spawn(move || pool_filler(weak))
+                .map_err(VmmError::Io)?;
+        }
+        Ok(VmFactory { inner })
+    }
+
+    /// Restores one VM of `template` and hands it a fresh clock and entropy.
+    pub fn restore_vm(&self, template: &str) -> Result<Vm, VmmError> {
+        self.inner.restore(template)
+    }
+
+    /// The backend found at start.
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// The KVM handle VMs are created with.
+    pub fn kvm(&self) -> &Kvm {
+        &self.inner.kvm
+    }
+
+    /// A template's base image and the metadata its snapshots carry.
+    pub fn template_meta(&self, name: &str) -> Option<(PathBuf, SnapshotMeta)> {
+        self.inner.templates.get(name).map(|t| (t.rootfs.clone(), t.snap.meta.clone()))
+    }
+
+    /// Creates a guest and returns it with its concrete type, so tests and
+    /// benchmarks can reach the VM underneath.
+    pub fn create_running(&self, spec: &GuestSpec) -> Result<RunningGuest, GuestError> {
+        self.create_inner(spec)
+    }
+}
+
+impl Inner {
+    fn restore(&self, template: &str) -> Result<Vm, VmmError> {
+        let t = self
+            .templates
+            .get(template)
+            .ok_or_else(|| VmmError::Config(format!("unknown template {template:?}")))?;
+        let started = Instant::now();
+        let memory = t.memory_file.try_clone().map_err(VmmError::Io)?;
+        let rootfs = t.rootfs_file.try_clone().map_err(VmmError::Io)?;
+        let n = self.next_vm.fetch_add(1, Ordering::Relaxed);
+        let vm = persist::restore(&self.kvm, &format!("vm{n}"), rootfs, memory, &t.snap)?;
+        vm.status().label(self.cfg.log.clone(), None);
+        self.counters.restore_ns_total.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(vm)
+    }
+
+    fn admit(&self) -> Result<(), GuestError> {
+        let live = self.counters.live.load(Ordering::Relaxed);
+        if live >= self.cfg.max_sandboxes {
+            return Err(GuestError::Capacity(format!(
+                "{live} sandboxes running, the limit is {} (PODFLARE_MAX_SANDBOXES)",
+                self.cfg.max_sandboxes
+            )));
+        }
+        let (total, avail) = host_meminfo_mib();
+        let used = total.saturating_sub(avail);
+        if used + ADMISSION_RESERVE_MIB > self.cfg.max_guest_memory_mib {
+            return Err(GuestError::Capacity(format!(
+                "host memory in use is {used} MiB; admitting another sandbox would pass the {} MiB limit (PODFLARE_MAX_GUEST_MEMORY_MIB)",
+                self.cfg.max_guest_memory_mib
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn host_meminfo_mib() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            / 1024
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+fn pool_filler(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(me) = inner.upgrade() else { return };
+        let mut need = None;
+        {
+            let ready = me.pool.ready.lock().unwrap_or_else(|p| p.into_inner());
+            for name in me.templates.keys() {
+                if ready.get(name).map(|v| v.len()).unwrap_or(0) < me.cfg.pool_size {
+                    need = Some(name.clone());
+                    break;
+                }
+            }
+            if need.is_none() {
+                let _ = me.pool.wake.wait_timeout(ready, Duration::from_millis(500));
+            }
+        }
+        if let Some(name) = need {
+            if me.admit().is_err() {
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            match me.restore(&name) {
+                Ok(vm) => me
+                    .pool
+                    .ready
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(name)
+                    .or_default()
+                    .push(vm),
+                Err(e) => {
+                    me.cfg.log.error(
+                        "warm pool: restore failed",
+                        &[("template", json!(name)), ("cause", json!(e.to_string()))],
+                    );
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// A sandbox's VM, as the sandbox manager sees it.
+pub struct RunningGuest {
+    vm: Vm,
+    inner: Arc<Inner>,
+}
+
+impl Guest for RunningGuest {
+    fn exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, GuestError> {
+        if let Some(why) = self.vm.status().stopped() {
+            return Err(GuestError::Failed(why));
+        }
+        self.vm.channel().exec(language, code).map_err(|e| GuestError::Failed(e.to_string()))
+    }
+
+    fn private_memory_bytes(&self) -> u64 {
+        memory::private_bytes(self.vm.memory())
+    }
+}
+
+impl RunningGuest {
+    /// The VM (benchmarks and tests look at its channel and console).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+}
+
+impl Drop for RunningGuest {
+    fn drop(&mut self) {
+        self.inner.counters.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl GuestFactory for VmFactory {
+    fn templates(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.inner.templates.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn create(&self, spec: &GuestSpec) -> Result<Box<dyn Guest>, GuestError> {
+        Ok(Box::new(self.create_inner(spec)?))
+    }
+
+    fn capacity(&self) -> serde_json::Value {
+        self.capacity_json()
+    }
+}
+
+impl VmFactory {
+    fn create_inner(&self, spec: &GuestSpec) -> Result<RunningGuest, GuestError> {
+        let inner = &self.inner;
+        if !inner.templates.contains_key(&spec.template) {
+            return Err(GuestError::UnknownTemplate(spec.template.clone()));
+        }
+        inner.admit()?;
+        let pooled = {
+            let mut ready = inner.pool.ready.lock().unwrap_or_else(|p| p.into_inner());
+            ready.get_mut(&spec.template).and_then(|v| v.pop())
+        };
+        let vm = match pooled {
+            Some(vm) => {
+                inner.counters.pool_hits.fetch_add(1, Ordering::Relaxed);
+                inner.pool.wake.notify_all();
+                vm
+            }
+            None => {
+                if inner.cfg.pool_size > 0 {
+                    inner.counters.pool_misses.fetch_add(1, Ordering::Relaxed);
+                }
+                inner.restore(&spec.template).map_err(|e| {
+                    inner.cfg.log.error(
+                        "restore failed",
+                        &[
+                            ("sandbox", json!(spec.sandbox_id)),
+                            ("template", json!(spec.template)),
+                            ("cause", json!(e.to_string())),
+                        ],
+                    );
+                    GuestError::Internal(e.to_string())
+                })?
+            }
+        };
+        vm.status().label(inner.cfg.log.clone(), Some(spec.sandbox_id.clone()));
+        // Fresh clock and entropy for this copy, queued ahead of any exec.
+        vm.channel().send_hello().map_err(|e| GuestError::Failed(e.to_string()))?;
+        inner.counters.live.fetch_add(1, Ordering::Relaxed);
+        inner.counters.created.fetch_add(1, Ordering::Relaxed);
+        Ok(RunningGuest { vm, inner: inner.clone() })
+    }
+
+    fn capacity_json(&self) -> serde_json::Value {
+        let inner = &self.inner;
+        let c = &inner.counters;
+        let (total, avail) = host_meminfo_mib();
+        let pool = inner.pool.ready.lock().unwrap_or_else(|p| p.into_inner());
+        let templates: serde_json::Map<String, serde_json::Value> = inner
+            .templates
+            .values()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    serde_json::json!({
+                        "pool_ready": pool.get(&t.name).map(|v| v.len()).unwrap_or(0),
+                        "pool_target": inner.cfg.pool_size,
+                        "snapshot_taken_unix": t.snap.meta.taken_unix,
+                    }),
+                )
+            })
+            .collect();
+        let created = c.created.load(Ordering::Relaxed);
+        serde_json::json!({
+            "backend": inner.backend.name(),
+            "templates": templates,
+            "pool_hits": c.pool_hits.load(Ordering::Relaxed),
+            "pool_misses": c.pool_misses.load(Ordering::Relaxed),
+            "live_vms": c.live.load(Ordering::Relaxed),
+            "created_total": created,
+            "max_sandboxes": inner.cfg.max_sandboxes,
+            "guest_ram_mib": inner.cfg.guest_ram_mib,
+            "host_memory_total_mib": total,
+            "host_memory_available_mib": avail,
+            "memory_limit_mib": inner.cfg.max_guest_memory_mib,
+        })
+    }
+}

@@ -1,0 +1,228 @@
+//! Templates: one snapshot per template, built by booting it once (kernel,
+//! agent, REPL, warm-up imports) and cached under the cache directory by a
+//! key over everything the guest state depends on.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::Kvm;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::snapshot::{self, SnapshotFile, SnapshotMeta};
+use super::vm::{self, Vm, VmSpec};
+use super::{persist, Backend, VmmConfig, VmmError};
+use crate::guest::{ExecChunk, Language, StreamRx};
+use crate::obs::Logger;
+
+/// Seconds since `t`, one decimal, for log fields.
+fn secs(t: Instant) -> serde_json::Value {
+    json!((t.elapsed().as_secs_f64() * 10.0).round() / 10.0)
+}
+
+/// Python run in a template before its snapshot, so every sandbox starts with
+/// these modules imported.
+fn warmup_code(template: &str) -> &'static str {
+    match template {
+        "python-datasci" => "import numpy, pandas, scipy, matplotlib\n",
+        _ => "import json, base64, hashlib, random, os, sys\n",
+    }
+}
+
+/// A template ready to restore from: its base image and snapshot, held open.
+pub struct Template {
+    /// Template name.
+    pub name: String,
+    /// The base image path (resolved).
+    pub rootfs: PathBuf,
+    /// The image the snapshot was taken with, held open: a rebuild of the
+    /// image (a new file behind the same `current` link) must not change
+    /// what running and future sandboxes of this snapshot read.
+    pub rootfs_file: File,
+    /// The snapshot's memory file, held open for the same reason: restores
+    /// keep working if a newer snapshot replaces this one on disk.
+    pub memory_file: File,
+    /// Its snapshot's state and metadata.
+    pub snap: SnapshotFile,
+}
+
+fn file_identity(path: &Path) -> Result<String, VmmError> {
+    let real = std::fs::canonicalize(path)
+        .map_err(|e| VmmError::File { path: path.display().to_string(), source: e })?;
+    let meta = std::fs::metadata(&real)
+        .map_err(|e| VmmError::File { path: real.display().to_string(), source: e })?;
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    Ok(format!("{}:{}:{}", real.display(), meta.len(), mtime.map(|d| d.as_secs()).unwrap_or(0)))
+}
+
+fn snapshot_key(cfg: &VmmConfig, backend: Backend, name: &str, kernel_id: &str, rootfs_id: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        &snapshot::FORMAT_VERSION.to_string(),
+        backend.name(),
+        name,
+        kernel_id,
+        rootfs_id,
+        &cfg.guest_ram_mib.to_string(),
+        &cfg.guest_vcpus.to_string(),
+        warmup_code(name),
+        &vm::kernel_cmdline(backend, ""),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Loads the template's cached snapshot, or boots the template and builds
+/// one (minutes on PVM). Several processes take turns through a lock.
+pub fn prepare_template(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str) -> Result<Template, VmmError> {
+    let link = cfg.rootfs(name);
+    let rootfs = std::fs::canonicalize(&link).map_err(|_| VmmError::File {
+        path: link.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("base image of template {name:?} not found; run scripts/setup")),
+    })?;
+    let rootfs_file = vm::open_rootfs(&rootfs)?;
+    let kernel_id = file_identity(&cfg.kernel)?;
+    let rootfs_id = file_identity(&rootfs)?;
+    let key = snapshot_key(cfg, backend, name, &kernel_id, &rootfs_id);
+    let dir = cfg.cache_dir.join("snapshots").join(name).join(&key);
+    let expect = SnapshotMeta {
+        backend,
+        cpu_model: snapshot::host_cpu_model(),
+        kernel_id,
+        rootfs_id,
+        ram_bytes: cfg.guest_ram_mib << 20,
+        taken_unix: 0,
+    };
+    let state_path = dir.join("state");
+    let memory_path = dir.join("memory");
+    // Several processes (hostd, test binaries) may start at once: one builds,
+    // the others wait here and then find the snapshot ready.
+    let _lock = lock_dir(dir.parent().unwrap_or(&cfg.cache_dir))?;
+    if state_path.exists() {
+        match snapshot::read_state(&state_path, &expect) {
+            Ok(snap) if memory_path.metadata().map(|m| m.len()).ok() == Some(expect.ram_bytes) => {
+                cfg.log.info("template snapshot found", &[("template", json!(name)), ("dir", json!(dir.display().to_string()))]);
+                let memory_file = open_file(&memory_path)?;
+                return Ok(Template { name: name.into(), rootfs, rootfs_file, memory_file, snap });
+            }
+            Ok(_) => cfg.log.warn(
+                "template snapshot memory file is missing or the wrong size; rebuilding",
+                &[("template", json!(name))],
+            ),
+            Err(e) => cfg.log.warn(
+                "template snapshot refused; rebuilding",
+                &[("template", json!(name)), ("cause", json!(e.to_string()))],
+            ),
+        }
+    }
+    let snap = build_snapshot(kvm, cfg, backend, name, &rootfs, &dir, expect)?;
+    let memory_file = open_file(&memory_path)?;
+    remove_stale_snapshots(&cfg.log, &dir);
+    Ok(Template { name: name.into(), rootfs, rootfs_file, memory_file, snap })
+}
+
+fn open_file(path: &Path) -> Result<File, VmmError> {
+    File::open(path).map_err(|e| VmmError::File { path: path.display().to_string(), source: e })
+}
+
+/// Deletes the template's other snapshot directories (older kernels, images
+/// or settings). Processes still using one hold its files open, so removing
+/// the names is safe for them.
+fn remove_stale_snapshots(log: &Logger, current: &Path) {
+    let Some(parent) = current.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p != current && p.is_dir() {
+            log.info("removing stale snapshot", &[("dir", json!(p.display().to_string()))]);
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
+}
+
+/// Takes an exclusive `flock` on `<dir>/.lock`, held until dropped.
+fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>, VmmError> {
+    std::fs::create_dir_all(dir).map_err(|e| VmmError::File { path: dir.display().to_string(), source: e })?;
+    let path = dir.join(".lock");
+    let f = File::create(&path).map_err(|e| VmmError::File { path: path.display().to_string(), source: e })?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, errno)| VmmError::File {
+        path: path.display().to_string(),
+        source: std::io::Error::from(errno),
+    })
+}
+
+/// Waits for an exec to exit 0; its stderr is the error otherwise.
+fn wait_exec_ok(rx: StreamRx<ExecChunk>, timeout: Duration, what: &str) -> Result<(), VmmError> {
+    let deadline = Instant::now() + timeout;
+    let mut err = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(ExecChunk::Exit(0)) => return Ok(()),
+            Ok(ExecChunk::Exit(code)) => {
+                return Err(VmmError::Guest(format!("{what} exited {code}: {}", String::from_utf8_lossy(&err))))
+            }
+            Ok(ExecChunk::Failed(m)) => return Err(VmmError::Guest(format!("{what}: {m}"))),
+            Ok(ExecChunk::Stderr(b)) => err.extend_from_slice(&b),
+            Ok(ExecChunk::Stdout(_)) => {}
+            Err(_) => return Err(VmmError::Guest(format!("{what} did not finish within {timeout:?}"))),
+        }
+    }
+}
+
+/// Boots the template once, warms it, and writes its snapshot.
+pub fn build_snapshot(
+    kvm: &Kvm,
+    cfg: &VmmConfig,
+    backend: Backend,
+    name: &str,
+    rootfs: &Path,
+    dir: &Path,
+    meta: SnapshotMeta,
+) -> Result<SnapshotFile, VmmError> {
+    let started = Instant::now();
+    cfg.log.info(
+        "template: booting to build its snapshot",
+        &[("template", json!(name)), ("guest_wait_s", json!(cfg.boot_timeout.as_secs()))],
+    );
+    let spec = VmSpec {
+        kernel: cfg.kernel.clone(),
+        rootfs: rootfs.to_path_buf(),
+        ram_bytes: meta.ram_bytes,
+        vcpus: cfg.guest_vcpus,
+        backend,
+        extra_cmdline: String::new(),
+    };
+    let vm = Vm::boot(kvm, &format!("tmpl-{name}"), &spec)?;
+    vm.status().label(cfg.log.clone(), None);
+    let ch = vm.channel().clone();
+    let fail = |what: String| {
+        let tail = String::from_utf8_lossy(&vm.console_log().contents()).into_owned();
+        let tail: String = tail.chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect();
+        VmmError::Guest(format!("template {name}: {what}\n--- guest console (tail) ---\n{tail}"))
+    };
+    for port in 0..super::channel::PORTS {
+        ch.wait_ready(port, 0, cfg.boot_timeout).map_err(|e| fail(format!("port {port} not ready: {e}")))?;
+    }
+    cfg.log.info("template: agent and REPL ready", &[("template", json!(name)), ("s", secs(started))]);
+    let seen = [ch.ready_count(0), ch.ready_count(1)];
+    ch.send_hello().map_err(|e| fail(e.to_string()))?;
+    for (port, s) in seen.iter().enumerate() {
+        ch.wait_ready(port, *s, cfg.boot_timeout).map_err(|e| fail(format!("hello on port {port}: {e}")))?;
+    }
+    let rx = ch.exec(Language::Python, warmup_code(name)).map_err(|e| fail(e.to_string()))?;
+    wait_exec_ok(rx, cfg.boot_timeout, "warm-up").map_err(|e| fail(e.to_string()))?;
+    cfg.log.info("template: warm-up done", &[("template", json!(name)), ("s", secs(started))]);
+
+    let snap = persist::save_vm(&vm, dir, meta)?;
+    drop(vm);
+    cfg.log.info(
+        "template: snapshot written",
+        &[("template", json!(name)), ("dir", json!(dir.display().to_string())), ("s", secs(started))],
+    );
+    Ok(snap)
+}
+
