@@ -2,9 +2,12 @@
 //!
 //! Code map: `memory` (guest RAM and the KVM slot: the only memory `unsafe`),
 //! `boot` (Linux 64-bit boot protocol, CPUID, MSRs), `vcpu` (vCPU threads),
-//! `state` (KVM state save/restore), `vm` (one VM: fds, devices, threads),
-//! `snapshot` (the framed snapshot file), `templates` (template snapshots,
-//! restore-on-create, warm pool, admission: the `GuestFactory`).
+//! `state` (KVM state save/restore), `vm` (one VM's lifecycle),
+//! `device_manager` (the device table, typed device state, the device
+//! thread), `channel` (host side of the agent protocol), `snapshot` (the
+//! framed snapshot file), `persist` (save a VM, the one restore path),
+//! `template` (template snapshots), `factory` (the `GuestFactory`: restore on
+//! create, warm pool, admission).
 
 pub mod boot;
 pub mod channel;
