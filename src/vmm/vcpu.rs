@@ -1,17 +1,23 @@
 //! vCPU threads: one named thread per vCPU, driven as a small state machine.
 //!
-//! States: `Paused` (waiting for a command, not in KVM_RUN), `Running` (in the
-//! KVM_RUN loop), `Stopped` (the guest shut down or failed; waiting to be told
-//! to exit). Commands arrive over a channel; a running thread is made to look
-//! at them by a kick: a real-time signal whose handler sets `immediate_exit`
-//! in this thread's `kvm_run`, so KVM_RUN returns EINTR whether the signal
-//! lands inside the ioctl or just before it. The thread only acts on commands
+//! ```text
+//! Paused --Resume--> Running --Pause--> Paused   (started Paused)
+//! Running --reset / shutdown / bad exit / KVM_RUN error--> Stopped
+//! Stopped: Resume refused with an error; Pause and Save answered
+//! Paused, Stopped: Save answered; Running: Save refused with an error
+//! any state --Exit, or the handle dropped--> Exited (the thread returns)
+//! ```
+//!
+//! Commands arrive over a channel; a running thread is made to look at them
+//! by a kick: a real-time signal whose handler sets `immediate_exit` in this
+//! thread's `kvm_run`, so KVM_RUN returns EINTR whether the signal lands
+//! inside the ioctl or just before it. The thread only acts on commands
 //! after such an EINTR exit, which means no MMIO/PIO access is ever half
 //! completed when the vCPU pauses: a snapshot always sees a clean boundary.
 
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -186,97 +192,205 @@ impl Drop for VcpuHandle {
 fn vcpu_loop(mut fd: VcpuFd, ctx: &VcpuContext, rx: &Receiver<VcpuCommand>, tx: &Sender<VcpuReply>) {
     let run_ptr: *mut kvm_run = fd.get_kvm_run();
     KVM_RUN.with(|c| c.set(run_ptr));
-    let mut running = false;
-    let mut stopped = false;
-    'outer: loop {
-        if !running {
-            match rx.recv() {
-                Ok(VcpuCommand::Resume) if !stopped => {
-                    running = true;
-                    let _ = tx.send(VcpuReply::Resumed);
-                }
-                Ok(VcpuCommand::Resume) => {
-                    let _ = tx.send(VcpuReply::Error("the guest has stopped".into()));
-                }
-                Ok(VcpuCommand::Pause) => {
-                    let _ = tx.send(VcpuReply::Paused);
-                }
-                Ok(VcpuCommand::Save) => {
-                    let reply = match VcpuState::save(&fd, &ctx.msr_indices) {
-                        Ok(s) => VcpuReply::State(Box::new(s)),
-                        Err(e) => VcpuReply::Error(e.to_string()),
-                    };
-                    let _ = tx.send(reply);
-                }
-                Ok(VcpuCommand::Exit) | Err(_) => break,
-            }
-            continue;
+    VcpuLoop { fd: &mut fd, ctx, rx, tx }.run();
+    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+}
+
+/// Where a vCPU thread is; each state but `Exited` has one function on
+/// [`VcpuLoop`] that runs it and returns the next state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VcpuRunState {
+    /// Waiting for a command, not in KVM_RUN.
+    Paused,
+    /// In the KVM_RUN loop; commands are read only after a kick's EINTR.
+    Running,
+    /// The guest shut down or failed: like `Paused`, but Resume is refused.
+    Stopped,
+    /// Leaving the thread.
+    Exited,
+}
+
+/// The reply a command earns in a state, before any side effect.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    Resumed,
+    Paused,
+    /// Save the vCPU registers and reply with them.
+    Save,
+    Refuse(&'static str),
+}
+
+/// The command table: pure, so every cell is unit-tested without KVM.
+fn on_command(state: VcpuRunState, cmd: &VcpuCommand) -> (Option<Answer>, VcpuRunState) {
+    use VcpuRunState::{Exited, Paused, Running, Stopped};
+    match (state, cmd) {
+        (_, VcpuCommand::Exit) | (Exited, _) => (None, Exited),
+        (Paused | Running, VcpuCommand::Resume) => (Some(Answer::Resumed), Running),
+        (Stopped, VcpuCommand::Resume) => (Some(Answer::Refuse("the guest has stopped")), Stopped),
+        (Running, VcpuCommand::Pause) => (Some(Answer::Paused), Paused),
+        (Paused | Stopped, VcpuCommand::Pause) => (Some(Answer::Paused), state),
+        // A running vCPU's registers change under us; a snapshot needs them still.
+        (Running, VcpuCommand::Save) => (Some(Answer::Refuse("pause the vCPU before saving")), Running),
+        (Paused | Stopped, VcpuCommand::Save) => (Some(Answer::Save), state),
+    }
+}
+
+/// One vCPU thread's state machine.
+struct VcpuLoop<'a> {
+    fd: &'a mut VcpuFd,
+    ctx: &'a VcpuContext,
+    rx: &'a Receiver<VcpuCommand>,
+    tx: &'a Sender<VcpuReply>,
+}
+
+impl VcpuLoop<'_> {
+    /// Runs the machine from `Paused` (how threads start) to `Exited`.
+    fn run(&mut self) {
+        let mut state = VcpuRunState::Paused;
+        loop {
+            state = match state {
+                VcpuRunState::Paused => self.paused(),
+                VcpuRunState::Running => self.running(),
+                VcpuRunState::Stopped => self.stopped(),
+                VcpuRunState::Exited => return,
+            };
         }
-        match fd.run() {
-            Ok(exit) => match exit {
-                VcpuExit::IoOut(port, data) => {
-                    if port == 0x64 && data.first() == Some(&0xfe) {
-                        ctx.status.exit("guest reset the machine");
-                        running = false;
-                        stopped = true;
-                    } else {
-                        ctx.pio.write(u64::from(port), data);
-                    }
-                }
-                VcpuExit::IoIn(port, data) => {
-                    if !ctx.pio.read(u64::from(port), data) {
-                        data.fill(0xff);
-                    }
-                }
-                VcpuExit::MmioRead(addr, data) => {
-                    if !ctx.mmio.read(addr, data) {
-                        data.fill(0xff);
-                    }
-                }
-                VcpuExit::MmioWrite(addr, data) => {
-                    ctx.mmio.write(addr, data);
-                }
-                VcpuExit::Hlt => {}
-                VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => {
-                    ctx.status.exit("guest shut down");
-                    running = false;
-                    stopped = true;
-                }
-                other => {
-                    ctx.status.fail(format!("vCPU exit {other:?}"));
-                    running = false;
-                    stopped = true;
-                }
-            },
+    }
+
+    fn paused(&mut self) -> VcpuRunState {
+        self.wait_for_command(VcpuRunState::Paused)
+    }
+
+    /// Like `paused`; the table refuses Resume here.
+    fn stopped(&mut self) -> VcpuRunState {
+        self.wait_for_command(VcpuRunState::Stopped)
+    }
+
+    /// One KVM_RUN and what its exit means.
+    fn running(&mut self) -> VcpuRunState {
+        match self.fd.run() {
+            Ok(exit) => handle_exit(self.ctx, exit),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                fd.set_kvm_immediate_exit(0);
-                loop {
-                    match rx.try_recv() {
-                        Ok(VcpuCommand::Pause) => {
-                            // Stop draining here: commands sent after the
-                            // Paused reply belong to the paused state.
-                            running = false;
-                            let _ = tx.send(VcpuReply::Paused);
-                            break;
-                        }
-                        Ok(VcpuCommand::Resume) => {
-                            let _ = tx.send(VcpuReply::Resumed);
-                        }
-                        Ok(VcpuCommand::Save) => {
-                            let _ = tx.send(VcpuReply::Error("pause the vCPU before saving".into()));
-                        }
-                        Ok(VcpuCommand::Exit) => break 'outer,
-                        Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                        Err(std::sync::mpsc::TryRecvError::Disconnected) => break 'outer,
-                    }
-                }
+                self.fd.set_kvm_immediate_exit(0);
+                self.drain_commands()
             }
             Err(e) => {
-                ctx.status.fail(format!("KVM_RUN failed: {e}"));
-                running = false;
-                stopped = true;
+                self.ctx.status.fail(format!("KVM_RUN failed: {e}"));
+                VcpuRunState::Stopped
             }
         }
     }
-    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+
+    /// Blocks for one command (out of KVM_RUN, so nothing is half done).
+    fn wait_for_command(&mut self, here: VcpuRunState) -> VcpuRunState {
+        match self.rx.recv() {
+            Ok(cmd) => self.obey(here, &cmd),
+            // The handle is gone: nobody can send Exit any more.
+            Err(_) => VcpuRunState::Exited,
+        }
+    }
+
+    /// After a kick's EINTR: acts on queued commands until one leaves
+    /// `Running`. It stops there because commands sent after a Paused reply
+    /// belong to the paused state.
+    fn drain_commands(&mut self) -> VcpuRunState {
+        loop {
+            match self.rx.try_recv() {
+                Ok(cmd) => match self.obey(VcpuRunState::Running, &cmd) {
+                    VcpuRunState::Running => continue,
+                    next => return next,
+                },
+                Err(TryRecvError::Empty) => return VcpuRunState::Running,
+                Err(TryRecvError::Disconnected) => return VcpuRunState::Exited,
+            }
+        }
+    }
+
+    /// Looks `cmd` up in the table, sends the reply, returns the next state.
+    fn obey(&mut self, here: VcpuRunState, cmd: &VcpuCommand) -> VcpuRunState {
+        let (answer, next) = on_command(here, cmd);
+        let reply = match answer {
+            None => return next,
+            Some(Answer::Resumed) => VcpuReply::Resumed,
+            Some(Answer::Paused) => VcpuReply::Paused,
+            Some(Answer::Refuse(why)) => VcpuReply::Error(why.into()),
+            Some(Answer::Save) => match VcpuState::save(self.fd, &self.ctx.msr_indices) {
+                Ok(s) => VcpuReply::State(Box::new(s)),
+                Err(e) => VcpuReply::Error(e.to_string()),
+            },
+        };
+        // No receiver means the VM is being dropped; its Exit follows.
+        let _ = self.tx.send(reply);
+        next
+    }
+}
+
+/// What one KVM_RUN exit means. Device accesses complete here, before the
+/// next KVM_RUN, so a later pause never sees them half done.
+fn handle_exit(ctx: &VcpuContext, exit: VcpuExit<'_>) -> VcpuRunState {
+    match exit {
+        // 0xfe to the i8042 command port is how Linux reboots.
+        VcpuExit::IoOut(0x64, [0xfe, ..]) => {
+            ctx.status.exit("guest reset the machine");
+            return VcpuRunState::Stopped;
+        }
+        VcpuExit::IoOut(port, data) => {
+            ctx.pio.write(u64::from(port), data);
+        }
+        VcpuExit::IoIn(port, data) => {
+            if !ctx.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !ctx.mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            ctx.mmio.write(addr, data);
+        }
+        // With the in-kernel LAPIC HLT is handled by KVM; an exit is spurious.
+        VcpuExit::Hlt => {}
+        VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => {
+            ctx.status.exit("guest shut down");
+            return VcpuRunState::Stopped;
+        }
+        other => {
+            ctx.status.fail(format!("vCPU exit {other:?}"));
+            return VcpuRunState::Stopped;
+        }
+    }
+    VcpuRunState::Running
+}
+
+#[cfg(test)]
+mod tests {
+    use super::VcpuRunState::{Exited, Paused, Running, Stopped};
+    use super::*;
+
+    #[test]
+    fn command_table() {
+        use VcpuCommand::{Exit, Pause, Resume, Save};
+        let refuse = |why| Some(Answer::Refuse(why));
+        let cells = [
+            (Paused, Resume, Some(Answer::Resumed), Running),
+            (Paused, Pause, Some(Answer::Paused), Paused),
+            (Paused, Save, Some(Answer::Save), Paused),
+            (Paused, Exit, None, Exited),
+            (Running, Resume, Some(Answer::Resumed), Running),
+            (Running, Pause, Some(Answer::Paused), Paused),
+            (Running, Save, refuse("pause the vCPU before saving"), Running),
+            (Running, Exit, None, Exited),
+            (Stopped, Resume, refuse("the guest has stopped"), Stopped),
+            (Stopped, Pause, Some(Answer::Paused), Stopped),
+            (Stopped, Save, Some(Answer::Save), Stopped),
+            (Stopped, Exit, None, Exited),
+            (Exited, Resume, None, Exited),
+        ];
+        for (state, cmd, answer, next) in cells {
+            let got = on_command(state, &cmd);
+            assert_eq!(got, (answer, next), "{cmd:?} in {state:?}");
+        }
+    }
 }
