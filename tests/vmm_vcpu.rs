@@ -1,13 +1,16 @@
 //! The vCPU thread state machine seen from outside, with hand-made guests (a
 //! few instructions, no Linux): pause/resume through `Vm`, Save refused while
-//! running, Resume refused once the guest has stopped.
+//! running, Resume refused once the guest has stopped; and, on `VcpuHandle`s
+//! driven directly, the thread-start hook.
 //!
 //! Needs `/dev/kvm`; where it exists a broken VM fails the test.
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use podflare_hostd::vmm::vcpu::{self, VcpuCommand, VcpuContext, VcpuHandle, VcpuReply};
 use podflare_hostd::vmm::vm::{Vm, VmSpec};
 use podflare_hostd::vmm::Backend;
 
@@ -78,4 +81,56 @@ fn a_stopped_guest_refuses_resume_but_answers_pause_and_save() {
     assert!(err.contains("the guest has stopped"), "{err}");
     vm.pause().expect("pause is still answered");
     vm.save_state().expect("save is still answered");
+}
+
+const ANSWER: Duration = Duration::from_secs(5);
+
+#[test]
+fn the_thread_start_hook_runs_once_on_each_vcpu_thread_before_its_loop() {
+    let Some(kvm) = common::kvm_or_skip() else { return };
+    vcpu::install_kick_handler().expect("kick handler");
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    let calls: Arc<Mutex<Vec<(u8, Option<String>)>>> = Arc::default();
+    let seen = calls.clone();
+    let hook: vcpu::ThreadStartHook = Arc::new(move |index| {
+        let thread = std::thread::current().name().map(str::to_string);
+        seen.lock().unwrap().push((index, thread));
+        Ok(())
+    });
+    let ctx = Arc::new(VcpuContext::standalone(Vec::new(), Some(hook)));
+    let mut handles: Vec<VcpuHandle> = (0..2u8)
+        .map(|i| {
+            let fd = vm.create_vcpu(u64::from(i)).expect("KVM_CREATE_VCPU");
+            VcpuHandle::spawn("hooked", i, fd, ctx.clone()).expect("spawn vCPU thread")
+        })
+        .collect();
+    // A reply comes from the loop, which starts only after the hook returned.
+    for h in &handles {
+        let reply = h.command(VcpuCommand::Pause, ANSWER).expect("reply");
+        assert!(matches!(reply, VcpuReply::Paused), "{reply:?}");
+    }
+    for h in &mut handles {
+        h.stop(ANSWER);
+    }
+    let mut calls = calls.lock().unwrap().clone();
+    calls.sort();
+    let want = [(0, Some("hooked-vcpu0".to_string())), (1, Some("hooked-vcpu1".to_string()))];
+    assert_eq!(calls, want, "one call per vCPU, on that vCPU's own thread");
+    assert_eq!(ctx.status.stopped(), None);
+}
+
+#[test]
+fn a_failing_thread_start_hook_fails_the_vm_instead_of_running_the_vcpu() {
+    let Some(kvm) = common::kvm_or_skip() else { return };
+    vcpu::install_kick_handler().expect("kick handler");
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    let hook: vcpu::ThreadStartHook = Arc::new(|_| Err("no seccomp filter".into()));
+    let ctx = Arc::new(VcpuContext::standalone(Vec::new(), Some(hook)));
+    let fd = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+    let mut h = VcpuHandle::spawn("unhooked", 0, fd, ctx.clone()).expect("spawn vCPU thread");
+    let reply = h.command(VcpuCommand::Resume, ANSWER).expect("reply");
+    assert!(matches!(&reply, VcpuReply::Error(e) if e.contains("no seccomp filter")), "{reply:?}");
+    let why = ctx.status.stopped().expect("the VM is failed");
+    assert!(why.contains("vCPU 0 thread start: no seccomp filter"), "{why}");
+    h.stop(ANSWER);
 }

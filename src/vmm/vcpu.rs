@@ -103,6 +103,23 @@ pub struct VcpuContext {
     pub status: Arc<VmStatus>,
     /// MSRs saved with the vCPU state.
     pub msr_indices: Vec<u32>,
+    /// Called first thing on every vCPU thread, before its loop.
+    pub on_thread_start: Option<ThreadStartHook>,
+}
+
+/// Runs on each new vCPU thread with its index. This is where the vCPU
+/// threads' seccomp filter is to be installed: a filter binds only the thread
+/// that installs it. An error fails the VM rather than run a vCPU without it.
+pub type ThreadStartHook = Arc<dyn Fn(u8) -> Result<(), String> + Send + Sync>;
+
+impl VcpuContext {
+    /// No devices and a status of its own: for driving vCPU threads without a
+    /// `Vm` (tests of this module's threads).
+    #[doc(hidden)]
+    pub fn standalone(msr_indices: Vec<u32>, on_thread_start: Option<ThreadStartHook>) -> Self {
+        let status = Arc::new(VmStatus::new(super::channel::Channel::new()));
+        VcpuContext { pio: Arc::default(), mmio: Arc::default(), status, msr_indices, on_thread_start }
+    }
 }
 
 impl VcpuHandle {
@@ -115,17 +132,24 @@ impl VcpuHandle {
             .name(format!("{vm_name}-vcpu{index}"))
             .spawn(move || {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    vcpu_loop(fd, &ctx, &cmd_rx, &reply_tx)
-                }));
-                if outcome.is_err() {
-                    status.fail(format!("vCPU {index} thread panicked"));
-                    // Keep answering so the VM's teardown does not wait in vain.
-                    while let Ok(cmd) = cmd_rx.recv() {
-                        if matches!(cmd, VcpuCommand::Exit) {
-                            break;
-                        }
-                        let _ = reply_tx.send(VcpuReply::Error("vCPU thread panicked".into()));
+                    if let Some(hook) = &ctx.on_thread_start {
+                        hook(index).map_err(|e| format!("vCPU {index} thread start: {e}"))?;
                     }
+                    vcpu_loop(fd, &ctx, &cmd_rx, &reply_tx);
+                    Ok::<(), String>(())
+                }));
+                let (why, reply) = match outcome {
+                    Ok(Ok(())) => return,
+                    Ok(Err(why)) => (why.clone(), why),
+                    Err(_) => (format!("vCPU {index} thread panicked"), "vCPU thread panicked".into()),
+                };
+                status.fail(why);
+                // Keep answering so the VM's teardown does not wait in vain.
+                while let Ok(cmd) = cmd_rx.recv() {
+                    if matches!(cmd, VcpuCommand::Exit) {
+                        break;
+                    }
+                    let _ = reply_tx.send(VcpuReply::Error(reply.clone()));
                 }
             })?;
         Ok(VcpuHandle { index, tx: cmd_tx, rx: std::sync::Mutex::new(reply_rx), thread: Some(thread) })

@@ -249,6 +249,7 @@ impl Vm {
             mmio: Arc::new(mmio_bus(&devices)?),
             status: status.clone(),
             msr_indices,
+            on_thread_start: None,
         });
         let mut vcpus = Vec::new();
         for (i, fd) in fds.into_iter().enumerate() {
