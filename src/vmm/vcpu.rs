@@ -1,21 +1,18 @@
 //! vCPU threads: one named thread per vCPU, driven as a small state machine.
 //!
 //! ```text
-//! Paused --Resume--> Running --Pause--> Paused   (started Paused)
-//! Running --reset / shutdown / bad exit / KVM_RUN error--> Stopped
-//! Stopped: Resume refused with an error; Pause and Save answered
-//! Paused, Stopped: Save answered; Running: Save refused with an error
-//! any state --Exit, or the handle dropped--> Exited (the thread returns)
+//! (start) Paused --Resume--> Running --Pause--> Paused
+//! Running --guest reset or shutdown, unknown exit, KVM_RUN error--> Stopped
+//! Paused, Stopped: Pause and Save answered; Stopped refuses Resume
+//! Running: Pause and Resume answered after a kick; Save refused
+//! any --Exit or handle dropped--> Exited; a panic fails the VM
 //! ```
 //!
-//! Commands arrive over a channel; a running thread is made to look at them
-//! by a kick: a real-time signal whose handler sets `immediate_exit` in this
-//! thread's `kvm_run`, so KVM_RUN returns EINTR whether the signal lands
-//! inside the ioctl or just before it. The thread only acts on commands
-//! after such an EINTR exit, which means no MMIO/PIO access is ever half
-//! completed when the vCPU pauses: a snapshot always sees a clean boundary.
+//! A running thread is made to look at its commands by a kick: a real-time signal
+//! whose handler sets `immediate_exit` in this thread's `kvm_run`, so KVM_RUN
+//! returns EINTR whether the signal lands in the ioctl or just before. Commands are
+//! acted on only after that EINTR: no MMIO/PIO access is half done at a pause.
 
-use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
@@ -34,18 +31,38 @@ use crate::devices::bus::Bus;
 const KICK_SIGNAL_OFFSET: i32 = 0;
 
 thread_local! {
-    /// This thread's `kvm_run`, for the kick signal handler. Null when the
-    /// thread owns no vCPU.
-    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// This thread's `kvm_run` for the kick handler; null unless a [`KickTarget`] lives.
+    static KVM_RUN: std::cell::Cell<*mut kvm_run> = const { std::cell::Cell::new(std::ptr::null_mut()) };
 }
 
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let run = KVM_RUN.with(|c| c.get());
     if !run.is_null() {
-        // SAFETY: the pointer is this thread's own kvm_run mapping, set by
-        // `vcpu_loop` while it owns the VcpuFd and cleared before the fd is
-        // dropped; writing one byte of it is what the KVM API asks for.
+        // SAFETY: non-null only while a KickTarget lives on this thread (the
+        // handler runs on the thread it kicks), and `KickTarget::set`'s caller
+        // keeps the mapping alive that long; KVM asks for this one-byte write.
         unsafe { (*run).immediate_exit = 1 };
+    }
+}
+
+/// Points the kick handler at this thread's `kvm_run` while alive. Dropping it
+/// (on every way out, unwinding too) clears the pointer before the unmap.
+struct KickTarget;
+
+impl KickTarget {
+    /// # Safety
+    /// `run` must stay mapped and writable until the returned guard drops.
+    unsafe fn set(run: *mut kvm_run) -> Self {
+        KVM_RUN.with(|c| c.set(run));
+        KickTarget
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+        // The handler may run at any instruction: keep the store before the munmap.
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -113,12 +130,12 @@ pub struct VcpuContext {
 pub type ThreadStartHook = Arc<dyn Fn(u8) -> Result<(), String> + Send + Sync>;
 
 impl VcpuContext {
-    /// No devices and a status of its own: for driving vCPU threads without a
-    /// `Vm` (tests of this module's threads).
+    /// No devices, no hook, a status of its own: for tests that drive vCPU
+    /// threads without a `Vm`.
     #[doc(hidden)]
-    pub fn standalone(msr_indices: Vec<u32>, on_thread_start: Option<ThreadStartHook>) -> Self {
-        let status = Arc::new(VmStatus::new(super::channel::Channel::new()));
-        VcpuContext { pio: Arc::default(), mmio: Arc::default(), status, msr_indices, on_thread_start }
+    pub fn standalone() -> Self {
+        let (status, msr_indices) = (Arc::new(VmStatus::new(super::channel::Channel::new())), Vec::new());
+        VcpuContext { pio: Arc::default(), mmio: Arc::default(), status, msr_indices, on_thread_start: None }
     }
 }
 
@@ -127,28 +144,24 @@ impl VcpuHandle {
     pub fn spawn(vm_name: &str, index: u8, fd: VcpuFd, ctx: Arc<VcpuContext>) -> std::io::Result<Self> {
         let (cmd_tx, cmd_rx) = channel();
         let (reply_tx, reply_rx) = channel();
-        let status = ctx.status.clone();
         let thread = std::thread::Builder::new()
             .name(format!("{vm_name}-vcpu{index}"))
             .spawn(move || {
+                // Owned out here, not inside the catch_unwind: unwinding then
+                // drops the KickTarget in `VcpuLoop::thread` while fd is alive.
+                let mut fd = fd;
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    if let Some(hook) = &ctx.on_thread_start {
-                        hook(index).map_err(|e| format!("vCPU {index} thread start: {e}"))?;
-                    }
-                    vcpu_loop(fd, &ctx, &cmd_rx, &reply_tx);
-                    Ok::<(), String>(())
+                    VcpuLoop { fd: &mut fd, ctx: &ctx, rx: &cmd_rx, tx: &reply_tx }.thread(index)
                 }));
+                drop(fd); // the kick pointer is null again on every path
                 let (why, reply) = match outcome {
                     Ok(Ok(())) => return,
                     Ok(Err(why)) => (why.clone(), why),
                     Err(_) => (format!("vCPU {index} thread panicked"), "vCPU thread panicked".into()),
                 };
-                status.fail(why);
+                ctx.status.fail(why);
                 // Keep answering so the VM's teardown does not wait in vain.
-                while let Ok(cmd) = cmd_rx.recv() {
-                    if matches!(cmd, VcpuCommand::Exit) {
-                        break;
-                    }
+                for _ in cmd_rx.iter().take_while(|cmd| !matches!(cmd, VcpuCommand::Exit)) {
                     let _ = reply_tx.send(VcpuReply::Error(reply.clone()));
                 }
             })?;
@@ -167,18 +180,14 @@ impl VcpuHandle {
     pub fn command(&self, cmd: VcpuCommand, timeout: Duration) -> Result<VcpuReply, String> {
         let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
         self.tx.send(cmd).map_err(|_| format!("vCPU {} thread is gone", self.index))?;
-        let deadline = std::time::Instant::now() + timeout;
+        let (index, deadline) = (self.index, std::time::Instant::now() + timeout);
         loop {
             self.kick();
             match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(reply) => return Ok(reply),
                 Err(RecvTimeoutError::Timeout) if std::time::Instant::now() < deadline => continue,
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(format!("vCPU {} did not answer within {timeout:?}", self.index))
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(format!("vCPU {} thread is gone", self.index))
-                }
+                Err(RecvTimeoutError::Timeout) => return Err(format!("vCPU {index} did not answer within {timeout:?}")),
+                Err(RecvTimeoutError::Disconnected) => return Err(format!("vCPU {index} thread is gone")),
             }
         }
     }
@@ -212,21 +221,12 @@ impl Drop for VcpuHandle {
     }
 }
 
-/// The thread body. Returns when told to exit.
-fn vcpu_loop(mut fd: VcpuFd, ctx: &VcpuContext, rx: &Receiver<VcpuCommand>, tx: &Sender<VcpuReply>) {
-    let run_ptr: *mut kvm_run = fd.get_kvm_run();
-    KVM_RUN.with(|c| c.set(run_ptr));
-    VcpuLoop { fd: &mut fd, ctx, rx, tx }.run();
-    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
-}
-
-/// Where a vCPU thread is; each state but `Exited` has one function on
-/// [`VcpuLoop`] that runs it and returns the next state.
+/// Where a vCPU thread is; each state but `Exited` has a function on [`VcpuLoop`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum VcpuRunState {
     /// Waiting for a command, not in KVM_RUN.
     Paused,
-    /// In the KVM_RUN loop; commands are read only after a kick's EINTR.
+    /// In KVM_RUN; commands are read only after a kick's EINTR.
     Running,
     /// The guest shut down or failed: like `Paused`, but Resume is refused.
     Stopped,
@@ -234,12 +234,11 @@ enum VcpuRunState {
     Exited,
 }
 
-/// The reply a command earns in a state, before any side effect.
-#[derive(Debug, PartialEq, Eq)]
+/// The reply a command earns in a state (`Save`: with the saved registers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Answer {
     Resumed,
     Paused,
-    /// Save the vCPU registers and reply with them.
     Save,
     Refuse(&'static str),
 }
@@ -268,26 +267,35 @@ struct VcpuLoop<'a> {
 }
 
 impl VcpuLoop<'_> {
-    /// Runs the machine from `Paused` (how threads start) to `Exited`.
-    fn run(&mut self) {
+    /// The thread body: the start hook, then the states from `Paused`.
+    fn thread(&mut self, index: u8) -> Result<(), String> {
+        if let Some(hook) = &self.ctx.on_thread_start {
+            hook(index).map_err(|e| format!("vCPU {index} thread start: {e}"))?;
+        }
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        // SAFETY: `run` is the VcpuFd's kvm_run mapping, unmapped only when
+        // the fd drops; the spawn closure owns the fd and lends it for all of
+        // this call, and the guard drops at its end, unwinding included.
+        let _kick = unsafe { KickTarget::set(run) };
         let mut state = VcpuRunState::Paused;
         loop {
             state = match state {
                 VcpuRunState::Paused => self.paused(),
                 VcpuRunState::Running => self.running(),
                 VcpuRunState::Stopped => self.stopped(),
-                VcpuRunState::Exited => return,
+                VcpuRunState::Exited => return Ok(()),
             };
         }
     }
 
+    /// Blocks for a command; a closed channel means nobody is left to send Exit.
     fn paused(&mut self) -> VcpuRunState {
-        self.wait_for_command(VcpuRunState::Paused)
+        self.rx.recv().map_or(VcpuRunState::Exited, |cmd| self.obey(VcpuRunState::Paused, &cmd))
     }
 
-    /// Like `paused`; the table refuses Resume here.
+    /// As `paused`; the table refuses Resume here.
     fn stopped(&mut self) -> VcpuRunState {
-        self.wait_for_command(VcpuRunState::Stopped)
+        self.rx.recv().map_or(VcpuRunState::Exited, |cmd| self.obey(VcpuRunState::Stopped, &cmd))
     }
 
     /// One KVM_RUN and what its exit means.
@@ -305,18 +313,8 @@ impl VcpuLoop<'_> {
         }
     }
 
-    /// Blocks for one command (out of KVM_RUN, so nothing is half done).
-    fn wait_for_command(&mut self, here: VcpuRunState) -> VcpuRunState {
-        match self.rx.recv() {
-            Ok(cmd) => self.obey(here, &cmd),
-            // The handle is gone: nobody can send Exit any more.
-            Err(_) => VcpuRunState::Exited,
-        }
-    }
-
-    /// After a kick's EINTR: acts on queued commands until one leaves
-    /// `Running`. It stops there because commands sent after a Paused reply
-    /// belong to the paused state.
+    /// After a kick's EINTR: acts on queued commands until one leaves `Running`
+    /// (commands sent after a Paused reply belong to the paused state).
     fn drain_commands(&mut self) -> VcpuRunState {
         loop {
             match self.rx.try_recv() {
@@ -358,23 +356,11 @@ fn handle_exit(ctx: &VcpuContext, exit: VcpuExit<'_>) -> VcpuRunState {
             ctx.status.exit("guest reset the machine");
             return VcpuRunState::Stopped;
         }
-        VcpuExit::IoOut(port, data) => {
-            ctx.pio.write(u64::from(port), data);
-        }
-        VcpuExit::IoIn(port, data) => {
-            if !ctx.pio.read(u64::from(port), data) {
-                data.fill(0xff);
-            }
-        }
-        VcpuExit::MmioRead(addr, data) => {
-            if !ctx.mmio.read(addr, data) {
-                data.fill(0xff);
-            }
-        }
-        VcpuExit::MmioWrite(addr, data) => {
-            ctx.mmio.write(addr, data);
-        }
-        // With the in-kernel LAPIC HLT is handled by KVM; an exit is spurious.
+        VcpuExit::IoOut(port, data) => _ = ctx.pio.write(u64::from(port), data),
+        // An address no device claims reads as a floating bus.
+        VcpuExit::IoIn(port, data) => if !ctx.pio.read(u64::from(port), data) { data.fill(0xff) },
+        VcpuExit::MmioRead(addr, data) => if !ctx.mmio.read(addr, data) { data.fill(0xff) },
+        VcpuExit::MmioWrite(addr, data) => _ = ctx.mmio.write(addr, data),
         VcpuExit::Hlt => {}
         VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => {
             ctx.status.exit("guest shut down");
@@ -396,25 +382,18 @@ mod tests {
     #[test]
     fn command_table() {
         use VcpuCommand::{Exit, Pause, Resume, Save};
+        let (resumed, paused, save) = (Some(Answer::Resumed), Some(Answer::Paused), Some(Answer::Save));
         let refuse = |why| Some(Answer::Refuse(why));
         let cells = [
-            (Paused, Resume, Some(Answer::Resumed), Running),
-            (Paused, Pause, Some(Answer::Paused), Paused),
-            (Paused, Save, Some(Answer::Save), Paused),
-            (Paused, Exit, None, Exited),
-            (Running, Resume, Some(Answer::Resumed), Running),
-            (Running, Pause, Some(Answer::Paused), Paused),
+            (Paused, Resume, resumed, Running), (Paused, Pause, paused, Paused), (Paused, Save, save, Paused),
+            (Running, Resume, resumed, Running), (Running, Pause, paused, Paused),
             (Running, Save, refuse("pause the vCPU before saving"), Running),
-            (Running, Exit, None, Exited),
             (Stopped, Resume, refuse("the guest has stopped"), Stopped),
-            (Stopped, Pause, Some(Answer::Paused), Stopped),
-            (Stopped, Save, Some(Answer::Save), Stopped),
-            (Stopped, Exit, None, Exited),
-            (Exited, Resume, None, Exited),
+            (Stopped, Pause, paused, Stopped), (Stopped, Save, save, Stopped), (Exited, Resume, None, Exited),
+            (Paused, Exit, None, Exited), (Running, Exit, None, Exited), (Stopped, Exit, None, Exited),
         ];
         for (state, cmd, answer, next) in cells {
-            let got = on_command(state, &cmd);
-            assert_eq!(got, (answer, next), "{cmd:?} in {state:?}");
+            assert_eq!(on_command(state, &cmd), (answer, next), "{cmd:?} in {state:?}");
         }
     }
 }
