@@ -215,6 +215,7 @@ impl Vm {
             mmio: Arc::new(devices.bus(BusKind::Mmio)?),
             status: status.clone(),
             msr_indices,
+            on_thread_start: None,
         });
         let mut vcpus = Vec::new();
         for (i, fd) in fds.into_iter().enumerate() {
