@@ -134,7 +134,7 @@ impl VcpuContext {
     /// threads without a `Vm`.
     #[doc(hidden)]
     pub fn standalone() -> Self {
-        let (status, msr_indices) = (Arc::new(VmStatus::new(super::channel::Channel::new())), Vec::new());
+        let (status, msr_indices) = (Arc::new(VmStatus::new("standalone", super::channel::Channel::new())), Vec::new());
         VcpuContext { pio: Arc::default(), mmio: Arc::default(), status, msr_indices, on_thread_start: None }
     }
 }
