@@ -115,7 +115,7 @@ fn frame(method: String, target: String, http10: bool, headers: Vec<(String, Str
     let (mut length, mut chunked, mut expect_continue, mut close) = (None::<u64>, false, false, http10);
     for (name, value) in &headers {
         if name.eq_ignore_ascii_case("content-length") {
-            if value.is_empty() || value.len() > 19 || !value.bytes().all(|b| b.is_ascii_digit()) {
+            if value.is_empty() || value.len() > 20 || !value.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad("Content-Length is not a decimal number"));
             }
             let n: u64 = value.parse().map_err(|_| bad("Content-Length is not a decimal number"))?;
