@@ -111,6 +111,23 @@ pub struct Config {
     /// running or queued. Must be below `http_workers` so that short requests
     /// always find a free worker.
     pub max_streams: usize,
+    /// `PODFLARE_MAX_CONNECTIONS` (default 1024): open client connections at
+    /// most; past it new ones are answered 503 and closed.
+    pub max_connections: usize,
+    /// `PODFLARE_HTTP_HEADER_TIMEOUT_SECS` (default 10): from a connection's
+    /// start, or a request's first byte, to its complete head (else 408).
+    pub http_header_timeout: Duration,
+    /// `PODFLARE_HTTP_BODY_TIMEOUT_SECS` (default 10): longest pause while a
+    /// request body arrives (else 408).
+    pub http_body_timeout: Duration,
+    /// `PODFLARE_HTTP_WRITE_TIMEOUT_SECS` (default 10): longest a reply (for a
+    /// stream: one line) waits for the client to read it, plus as much
+    /// again per MiB; then the reply is abandoned (a stream is drained
+    /// without writing).
+    pub http_write_timeout: Duration,
+    /// `PODFLARE_HTTP_IDLE_TIMEOUT_SECS` (default 60): a keep-alive
+    /// connection idle this long between requests is closed.
+    pub http_idle_timeout: Duration,
     /// `PODFLARE_KEEPALIVE_SECS` (default 10): silence before a stream sends
     /// a bare `\n`.
     pub keepalive: Duration,
@@ -142,6 +159,11 @@ impl Default for Config {
             max_body_bytes: 64 << 20,
             http_workers: 64,
             max_streams: 48,
+            max_connections: 1024,
+            http_header_timeout: Duration::from_secs(10),
+            http_body_timeout: Duration::from_secs(10),
+            http_write_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(60),
             keepalive: Duration::from_secs(10),
             replay_max_bytes: 32 << 20,
             timeout_seconds: Bound { default: 3600, max: 86_400 },
@@ -173,6 +195,11 @@ fn positive(
             why: format!("expected an integer from 1 to {max}"),
         }),
     }
+}
+
+/// A timeout in whole seconds, 1 to 3600.
+fn secs(get: &dyn Fn(&str) -> Option<String>, name: &'static str, default: Duration) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_secs(positive(get, name, default.as_secs(), 3600)?))
 }
 
 fn flag(get: &dyn Fn(&str) -> Option<String>, name: &'static str) -> Result<bool, ConfigError> {
@@ -250,6 +277,11 @@ impl Config {
             max_body_bytes: (positive(get, "PODFLARE_MAX_BODY_MIB", 64, 4096)? as usize) << 20,
             http_workers,
             max_streams,
+            max_connections: positive(get, "PODFLARE_MAX_CONNECTIONS", d.max_connections as u64, 1 << 20)? as usize,
+            http_header_timeout: secs(get, "PODFLARE_HTTP_HEADER_TIMEOUT_SECS", d.http_header_timeout)?,
+            http_body_timeout: secs(get, "PODFLARE_HTTP_BODY_TIMEOUT_SECS", d.http_body_timeout)?,
+            http_write_timeout: secs(get, "PODFLARE_HTTP_WRITE_TIMEOUT_SECS", d.http_write_timeout)?,
+            http_idle_timeout: secs(get, "PODFLARE_HTTP_IDLE_TIMEOUT_SECS", d.http_idle_timeout)?,
             keepalive: Duration::from_secs(positive(get, "PODFLARE_KEEPALIVE_SECS", 10, 3600)?),
             replay_max_bytes: (positive(get, "PODFLARE_REPLAY_MAX_MIB", 32, 4096)? as usize) << 20,
             timeout_seconds: bound(get, "PODFLARE_TIMEOUT_SECS", "PODFLARE_MAX_TIMEOUT_SECS", d.timeout_seconds)?,
@@ -318,72 +350,4 @@ pub fn is_loopback(addr: &SocketAddr) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::HashMap;
-
-    fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        Config::from_lookup(move |k| map.get(k).cloned())
-    }
-
-    #[test]
-    fn loopback_rule() {
-        for addr in ["127.0.0.1:7070", "[::1]:7070", "127.1.2.3:1", "localhost:7070"] {
-            let c = cfg(&[("PODFLARE_HOSTD_ADDR", addr)]).unwrap();
-            assert_eq!(c.auth_mode().unwrap(), AuthMode::LoopbackDev, "{addr}");
-        }
-        for addr in ["0.0.0.0:7070", "[::]:7070"] {
-            let c = cfg(&[("PODFLARE_HOSTD_ADDR", addr)]).unwrap();
-            let err = c.auth_mode().unwrap_err();
-            assert!(err.to_string().contains("refusing to start"), "{addr}: {err}");
-            let c = cfg(&[("PODFLARE_HOSTD_ADDR", addr), ("PODFLARE_AUTH_DISABLED", "1")]).unwrap();
-            assert_eq!(c.auth_mode().unwrap(), AuthMode::Disabled);
-            let c = cfg(&[("PODFLARE_HOSTD_ADDR", addr), ("PODFLARE_API_KEYS", " a, ,b ")]).unwrap();
-            assert_eq!(c.auth_mode().unwrap(), AuthMode::Keys(vec!["a".into(), "b".into()]));
-        }
-    }
-
-    #[test]
-    fn defaults_and_bounds() {
-        let c = cfg(&[]).unwrap();
-        assert_eq!(c.addr, "127.0.0.1:7070");
-        assert_eq!(c.max_body_bytes, 64 << 20);
-        assert!(c.max_streams < c.http_workers);
-        assert_eq!(c.timeout_seconds.resolve(Some(10 << 20)), 86_400);
-        assert_eq!(c.timeout_seconds.resolve(None), 3600);
-        let c = cfg(&[("PODFLARE_MAX_RAM_MIB", "1024"), ("PODFLARE_HTTP_WORKERS", "8")]).unwrap();
-        assert_eq!(c.ram_mib, Bound { default: 512, max: 1024 });
-        assert_eq!(c.max_streams, 7);
-        assert!(placement_none(&c));
-    }
-
-    fn placement_none(c: &Config) -> bool {
-        c.placement().is_none()
-    }
-
-    #[test]
-    fn bad_values_name_the_variable() {
-        for (k, v) in [
-            ("PODFLARE_MAX_BODY_MIB", "0"),
-            ("PODFLARE_MAX_BODY_MIB", "x"),
-            ("PODFLARE_LOG_FORMAT", "xml"),
-            ("PODFLARE_AUTH_DISABLED", "maybe"),
-            ("PODFLARE_MAX_STREAMS", "64"),
-            ("PODFLARE_TIMEOUT_SECS", "-1"),
-        ] {
-            let err = cfg(&[(k, v)]).unwrap_err().to_string();
-            assert!(err.contains(k), "{err}");
-        }
-        let err = cfg(&[("PODFLARE_MAX_TIMEOUT_SECS", "10"), ("PODFLARE_TIMEOUT_SECS", "20")]).unwrap_err();
-        assert!(err.to_string().contains("PODFLARE_TIMEOUT_SECS"));
-    }
-
-    #[test]
-    fn placement_needs_both() {
-        let c = cfg(&[("PODFLARE_REGION", "eu")]).unwrap();
-        assert!(c.placement().is_none());
-        let c = cfg(&[("PODFLARE_REGION", "eu"), ("PODFLARE_PUBLIC_URL", "https://h")]).unwrap();
-        assert_eq!(c.placement(), Some(("eu".into(), "https://h".into())));
-    }
-}
+mod tests;

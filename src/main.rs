@@ -37,6 +37,12 @@ fn main() -> ExitCode {
             &[("addr", json!(cfg.addr))],
         );
     }
+    // Every connection is an fd; the usual soft limit of 1024 (and every VM holds
+    // several) would make accept() fail long before PODFLARE_MAX_CONNECTIONS.
+    match api::raise_nofile_limit() {
+        Ok((before, after)) => log.info("open-file limit", &[("soft_before", json!(before)), ("soft", json!(after))]),
+        Err(e) => log.warn("cannot raise the open-file limit", &[("cause", json!(e.to_string()))]),
+    }
     let vmm_cfg = match VmmConfig::from_env() {
         Ok(c) => c,
         Err(e) => {

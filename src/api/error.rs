@@ -1,5 +1,6 @@
 //! API errors and the one place they become HTTP statuses.
 
+use super::http::request::{HttpError, MAX_HEADERS, MAX_HEAD_BYTES};
 use crate::sandbox::SandboxError;
 
 /// Everything a request can fail with, as the client sees it.
@@ -42,6 +43,16 @@ pub enum ApiError {
         /// Most header bytes accepted.
         max_bytes: usize,
     },
+    /// The request's head or body did not arrive within its timeout
+    /// (`PODFLARE_HTTP_HEADER_TIMEOUT_SECS`, `PODFLARE_HTTP_BODY_TIMEOUT_SECS`).
+    #[error("timed out waiting for the request (PODFLARE_HTTP_HEADER_TIMEOUT_SECS / PODFLARE_HTTP_BODY_TIMEOUT_SECS)")]
+    RequestTimeout,
+    /// A request line naming another HTTP version (the HTTP/2 preface).
+    #[error("HTTP version not supported: this server speaks HTTP/1.1 and HTTP/1.0")]
+    HttpVersion,
+    /// Too many open connections (`PODFLARE_MAX_CONNECTIONS`).
+    #[error("{0}")]
+    Unavailable(String),
     /// Host at capacity (streams, memory, sandbox count).
     #[error("{0}")]
     Capacity(String),
@@ -63,9 +74,12 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::PayloadTooLarge { .. } => 413,
             ApiError::HeadersTooLarge { .. } => 431,
+            ApiError::RequestTimeout => 408,
             ApiError::Capacity(_) => 429,
             ApiError::Internal(_) => 500,
             ApiError::NotImplemented(_) => 501,
+            ApiError::Unavailable(_) => 503,
+            ApiError::HttpVersion => 505,
         }
     }
 
@@ -79,6 +93,20 @@ impl ApiError {
     /// A 400 naming `field`.
     pub fn field(field: &str, why: impl std::fmt::Display) -> Self {
         ApiError::BadRequest(format!("{field}: {why}"))
+    }
+}
+
+impl ApiError {
+    /// The error for a request that could not be read off the wire, given
+    /// the body limit (for the 413 message).
+    pub fn from_http(e: HttpError, max_body: usize) -> Self {
+        match e {
+            HttpError::Malformed(why) => ApiError::BadRequest(why),
+            HttpError::Version => ApiError::HttpVersion,
+            HttpError::HeadTooLarge => ApiError::HeadersTooLarge { max_count: MAX_HEADERS, max_bytes: MAX_HEAD_BYTES },
+            HttpError::BodyTooLarge => ApiError::PayloadTooLarge { limit_mib: max_body >> 20 },
+            HttpError::Timeout => ApiError::RequestTimeout,
+        }
     }
 }
 

@@ -1,6 +1,8 @@
-//! The HTTP API: the Podflare wire contract over tiny_http.
+//! The HTTP API: the Podflare wire contract over our own bounded HTTP/1.1
+//! layer ([`http`]).
 //!
-//! Request path: [`server`] (size limits, one log line per request) ->
+//! Request path: [`http`] (framing, size limits and timeouts, one log line
+//! per request) ->
 //! [`auth::Gate`] (every route but `GET /v1/healthz`) -> [`router::parse`]
 //! (one `match`, body validated into an [`Action`](crate::sandbox::Action))
 //! -> [`Controller`](crate::sandbox::Controller) -> reply framing.
@@ -9,12 +11,12 @@
 
 pub mod auth;
 pub mod error;
+pub mod http;
 
 pub mod params;
 pub mod router;
-pub mod server;
 
 pub use auth::Gate;
 pub use error::ApiError;
 
-pub use server::{serve, ServerError, ServerHandle};
+pub use http::{raise_nofile_limit, serve, ServerError, ServerHandle};
