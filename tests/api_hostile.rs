@@ -638,8 +638,8 @@ fn stream_client_that_stops_reading_is_drained() {
     let sb = create(srv.addr, "{}");
     let checker = Checker::start(srv.addr);
     let mut r = raw(srv.addr);
-    // ~30 MB of output that nobody reads.
-    let code = format!("{}done", "BIG 1000000\n".repeat(30));
+    // ~10 MB of output that nobody reads (more than loopback socket buffers hold).
+    let code = format!("{}done", "BIG 1000000\n".repeat(10));
     let body = serde_json::json!({ "code": code, "language": "bash" }).to_string();
     r.get_mut().write_all(&req("POST", &format!("/v1/sandboxes/{sb}/exec"), "", body.as_bytes())).unwrap();
     // The next exec on the sandbox queues behind it and completes once the
