@@ -111,6 +111,10 @@ pub struct Config {
     /// running or queued. Must be below `http_workers` so that short requests
     /// always find a free worker.
     pub max_streams: usize,
+    /// `PODFLARE_MAX_STREAMS_PER_SANDBOX` (default 16, at most
+    /// `max_streams`): exec streams one sandbox may hold open, so one
+    /// sandbox cannot take every slot.
+    pub max_streams_per_sandbox: usize,
     /// `PODFLARE_MAX_CONNECTIONS` (default 1024): open client connections at
     /// most; past it new ones are answered 503 and closed.
     pub max_connections: usize,
@@ -159,6 +163,7 @@ impl Default for Config {
             max_body_bytes: 64 << 20,
             http_workers: 64,
             max_streams: 48,
+            max_streams_per_sandbox: 16,
             max_connections: 1024,
             http_header_timeout: Duration::from_secs(10),
             http_body_timeout: Duration::from_secs(10),
@@ -277,6 +282,13 @@ impl Config {
             max_body_bytes: (positive(get, "PODFLARE_MAX_BODY_MIB", 64, 4096)? as usize) << 20,
             http_workers,
             max_streams,
+            max_streams_per_sandbox: (positive(
+                get,
+                "PODFLARE_MAX_STREAMS_PER_SANDBOX",
+                d.max_streams_per_sandbox as u64,
+                4096,
+            )? as usize)
+                .min(max_streams),
             max_connections: positive(get, "PODFLARE_MAX_CONNECTIONS", d.max_connections as u64, 1 << 20)? as usize,
             http_header_timeout: secs(get, "PODFLARE_HTTP_HEADER_TIMEOUT_SECS", d.http_header_timeout)?,
             http_body_timeout: secs(get, "PODFLARE_HTTP_BODY_TIMEOUT_SECS", d.http_body_timeout)?,

@@ -104,3 +104,47 @@ fn exec_code_over_the_frame_limit_is_refused_before_it_streams() {
         Err(SandboxError::CodeTooLarge { .. })
     ));
 }
+
+#[test]
+fn a_guest_that_blocks_an_exec_start_delays_neither_delete_nor_reaping() {
+    let c = Arc::new(controller());
+    let stuck = create(&c);
+    let other = match c.execute(Action::Create(CreateParams { egress: true, idle_timeout_seconds: Some(1), ..Default::default() })) {
+        Ok(Reply::Json(v)) => v["id"].as_str().unwrap().to_string(),
+        other => panic!("{other:?}"),
+    };
+    let (c2, id) = (Arc::clone(&c), stuck.clone());
+    let exec = std::thread::spawn(move || run(&c2, &id, "BLOCKSTART"));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The reaper destroys the idle one while the start is blocked.
+    let t = std::time::Instant::now();
+    while c.execute(Action::Replay { id: other.clone() }).is_ok() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(3), "idle sandbox not reaped");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let t = std::time::Instant::now();
+    assert!(matches!(c.execute(Action::Delete { id: stuck }), Ok(Reply::NoContent)));
+    assert!(t.elapsed() < std::time::Duration::from_secs(1), "DELETE waited {:?}", t.elapsed());
+    let lines = exec.join().unwrap();
+    assert!(lines.last().unwrap().contains(r#""type":"exit","data":137"#), "{lines:?}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(2), "the blocked start ended with the delete");
+}
+
+#[test]
+fn one_sandbox_cannot_take_every_stream_slot() {
+    let mut cfg = test_config();
+    cfg.max_streams_per_sandbox = 2;
+    let c = Controller::new(FakeFactory::new(10), &cfg, Logger::memory(cfg.log_format).0);
+    let (greedy, other) = (create(&c), create(&c));
+    let exec = |id: &str| c.execute(Action::Exec { id: id.into(), language: Language::Bash, code: "HANG".into() });
+    let held: Vec<_> = (0..2).map(|_| exec(&greedy).expect("within its share")).collect();
+    match exec(&greedy) {
+        Err(e @ SandboxError::TooManySandboxStreams { max: 2 }) => {
+            assert!(e.to_string().contains("PODFLARE_MAX_STREAMS_PER_SANDBOX"), "{e}")
+        }
+        other => panic!("a third stream on one sandbox: {other:?}"),
+    }
+    assert!(exec(&other).is_ok(), "another sandbox still gets a stream");
+    drop(held);
+    assert!(exec(&greedy).is_ok(), "slots come back when streams end");
+}

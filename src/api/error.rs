@@ -116,7 +116,9 @@ impl From<SandboxError> for ApiError {
             SandboxError::UnknownSandbox(_) | SandboxError::UnknownSpace(_) => ApiError::NotFound(e.to_string()),
             SandboxError::UnknownTemplate { .. } => ApiError::field("template", &e),
             SandboxError::CodeTooLarge { .. } => ApiError::field("code", &e),
-            SandboxError::TooManyStreams { .. } | SandboxError::Capacity(_) => ApiError::Capacity(e.to_string()),
+            SandboxError::TooManyStreams { .. }
+            | SandboxError::TooManySandboxStreams { .. }
+            | SandboxError::Capacity(_) => ApiError::Capacity(e.to_string()),
             SandboxError::NotImplemented(_) => ApiError::NotImplemented(e.to_string()),
             SandboxError::Guest(ref g) => ApiError::Internal(format!("{e}: {g}")),
             SandboxError::Internal(why) => ApiError::Internal(why),

@@ -44,6 +44,15 @@ pub enum DeviceError {
     /// A console port number that the device does not have.
     #[error("no such console port {0}")]
     NoSuchPort(u32),
+    /// The guest took none of the bytes already waiting for a port for this
+    /// long: it is not reading, and the sender gives up.
+    #[error("the guest has not read port {port} for {secs} s")]
+    Stalled {
+        /// The port.
+        port: u32,
+        /// How long nothing moved.
+        secs: u64,
+    },
     /// The console was closed (VM teardown): nothing more can be sent.
     #[error("console closed")]
     Closed,

@@ -111,6 +111,11 @@ pub trait Guest: Send + Sync {
     fn exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, GuestError>;
     /// Host memory this guest holds privately (bytes), for capacity reports.
     fn private_memory_bytes(&self) -> u64;
+    /// Ends the guest's channel at once: calls blocked on it (an exec start
+    /// waiting for a guest that does not read) and later ones fail. The
+    /// sandbox layer calls it when it destroys a sandbox, before it lets go;
+    /// the VM itself is freed when the last holder drops the guest.
+    fn shutdown(&self) {}
 }
 
 #[cfg(test)]

@@ -177,7 +177,7 @@ pub struct ExecStream {
     pending: VecDeque<Vec<u8>>,
     seq: u64,
     keepalive: Duration,
-    _slot: StreamSlot,
+    _slot: (StreamSlot, StreamSlot),
 }
 
 impl ExecStream {
@@ -186,7 +186,7 @@ impl ExecStream {
         language: Language,
         code: String,
         keepalive: Duration,
-        slot: StreamSlot,
+        slot: (StreamSlot, StreamSlot),
     ) -> Self {
         sandbox.exec_queued();
         let ticket = Some(sandbox.queue().ticket());

@@ -42,10 +42,12 @@ pub struct Sandbox {
     idle: Duration,
     /// `None` once destroyed. Execs take the read lock only to start a
     /// command, so destroy never waits for a running exec.
-    guest: RwLock<Option<Box<dyn Guest>>>,
+    guest: RwLock<Option<Arc<dyn Guest>>>,
     queue: Arc<FifoQueue>,
     activity: Mutex<Activity>,
     replay: Mutex<ReplayRing>,
+    /// Exec streams of this sandbox open now (its share of the host's).
+    streams: Arc<AtomicUsize>,
 }
 
 /// Why the reaper destroys a sandbox.
@@ -89,10 +91,11 @@ impl Sandbox {
             created: now,
             lifetime,
             idle,
-            guest: RwLock::new(Some(guest)),
+            guest: RwLock::new(Some(Arc::from(guest))),
             queue: Arc::new(FifoQueue::default()),
             activity: Mutex::new(Activity { active: 0, last: now }),
             replay: Mutex::new(ReplayRing::new(replay_max_bytes)),
+            streams: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -121,22 +124,37 @@ impl Sandbox {
         lock(&self.activity).active > 0
     }
 
+    /// This sandbox's own stream count.
+    pub(super) fn streams(&self) -> &Arc<AtomicUsize> {
+        &self.streams
+    }
+
     /// The replay ring as NDJSON.
     pub fn replay_ndjson(&self) -> Vec<u8> {
         lock(&self.replay).to_ndjson()
     }
 
-    /// Takes the guest out; dropping the result destroys the VM.
-    pub(super) fn take_guest(&self) -> Option<Box<dyn Guest>> {
-        self.guest.write().unwrap_or_else(PoisonError::into_inner).take()
+    /// Destroys the guest: takes it out (so no new exec starts), ends its
+    /// channel (so a start blocked on it fails now), and drops this hold;
+    /// the VM is freed when the last holder lets go. True if it was there.
+    pub(super) fn destroy_guest(&self) -> bool {
+        let taken = self.guest.write().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(g) = &taken {
+            g.shutdown();
+        }
+        taken.is_some()
+    }
+
+    /// The guest, if not destroyed; the lock is not held while it is used.
+    fn guest(&self) -> Option<Arc<dyn Guest>> {
+        self.guest.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     pub(super) fn start_exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, ExecStartError> {
-        let guest = self.guest.read().unwrap_or_else(PoisonError::into_inner);
-        match guest.as_ref() {
-            None => Err(ExecStartError::Destroyed),
-            Some(g) => g.exec(language, code).map_err(ExecStartError::Guest),
-        }
+        // Not under the lock: a guest that does not read its port can hold
+        // this call for a while, and destroy must not wait for it.
+        let guest = self.guest().ok_or(ExecStartError::Destroyed)?;
+        guest.exec(language, code).map_err(ExecStartError::Guest)
     }
 
     pub(super) fn record(&self, line: &[u8]) {
@@ -168,12 +186,12 @@ impl Sandbox {
     }
 
     pub(super) fn private_memory_bytes(&self) -> u64 {
-        let guest = self.guest.read().unwrap_or_else(PoisonError::into_inner);
-        guest.as_ref().map_or(0, |g| g.private_memory_bytes())
+        self.guest().map_or(0, |g| g.private_memory_bytes())
     }
 }
 
-/// A held exec-stream slot; dropping it frees the slot.
+/// A held exec-stream slot; dropping it frees the slot. A stream holds one
+/// of the host's and one of its sandbox's.
 #[derive(Debug)]
 pub struct StreamSlot {
     count: Arc<AtomicUsize>,

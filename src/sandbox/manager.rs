@@ -112,15 +112,18 @@ impl Manager {
     /// Removes `id` and destroys its VM (a running exec ends with a failure).
     pub fn destroy(&self, id: &str) -> Result<(), SandboxError> {
         let sb = lock(&self.sandboxes).remove(id).ok_or_else(|| SandboxError::UnknownSandbox(id.to_string()))?;
-        // Dropped outside the registry lock: tearing down a VM takes time.
-        drop(sb.take_guest());
+        // Outside the registry lock: tearing down a VM takes time.
+        sb.destroy_guest();
         self.log.info("sandbox destroyed", &[("sandbox", json!(id)), ("reason", json!("delete"))]);
         Ok(())
     }
 
-    fn acquire_stream(&self) -> Result<StreamSlot, SandboxError> {
+    fn acquire_stream(&self, sb: &Sandbox) -> Result<(StreamSlot, StreamSlot), SandboxError> {
+        let per = self.cfg.max_streams_per_sandbox;
+        let mine = StreamSlot::acquire(sb.streams(), per).ok_or(SandboxError::TooManySandboxStreams { max: per })?;
         let max = self.cfg.max_streams;
-        StreamSlot::acquire(&self.streams, max).ok_or(SandboxError::TooManyStreams { max })
+        let host = StreamSlot::acquire(&self.streams, max).ok_or(SandboxError::TooManyStreams { max })?;
+        Ok((host, mine))
     }
 
     /// Queues an exec on `id`. The stream runs it when earlier execs are done.
@@ -130,7 +133,7 @@ impl Manager {
         if bytes > crate::guest::MAX_FRAME_PAYLOAD {
             return Err(SandboxError::CodeTooLarge { bytes, limit: crate::guest::MAX_FRAME_PAYLOAD });
         }
-        let slot = self.acquire_stream()?;
+        let slot = self.acquire_stream(&sb)?;
         Ok(ExecStream::new(sb, language, code, self.cfg.keepalive, slot))
     }
 
@@ -163,7 +166,7 @@ impl Manager {
             ids.into_iter().filter_map(|(id, e)| map.remove(&id).map(|s| (s, e))).collect()
         };
         for (sb, why) in &expired {
-            drop(sb.take_guest());
+            sb.destroy_guest();
             let reason = match why {
                 Expiry::Lifetime => "timeout_seconds",
                 Expiry::Idle => "idle_timeout_seconds",

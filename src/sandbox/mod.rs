@@ -44,6 +44,12 @@ pub enum SandboxError {
         /// The limit.
         max: usize,
     },
+    /// This sandbox already holds `PODFLARE_MAX_STREAMS_PER_SANDBOX` streams.
+    #[error("sandbox at capacity: {max} exec streams of this sandbox are already open (PODFLARE_MAX_STREAMS_PER_SANDBOX); retry when one ends")]
+    TooManySandboxStreams {
+        /// The limit.
+        max: usize,
+    },
     /// The host cannot take another sandbox (memory or count).
     #[error("host at capacity: {0}")]
     Capacity(String),

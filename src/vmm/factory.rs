@@ -238,6 +238,10 @@ impl Guest for RunningGuest {
     fn private_memory_bytes(&self) -> u64 {
         memory::private_bytes(self.vm.memory())
     }
+
+    fn shutdown(&self) {
+        self.vm.channel().fail("sandbox destroyed");
+    }
 }
 
 impl RunningGuest {

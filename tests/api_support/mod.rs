@@ -55,7 +55,8 @@ impl GuestFactory for FakeFactory {
 /// (sleeps even if destroyed), `ERR text` (stderr line),
 /// `HEX hex` / `ERRHEX hex` (raw bytes, no newline added), `BIG n` (one
 /// stdout line of n `a`s sent in 64 KiB chunks); any other line is echoed
-/// to stdout with a newline. Ends with exit 0.
+/// to stdout with a newline. Ends with exit 0. Code starting `BLOCKSTART`
+/// blocks the exec's start until the guest is shut down.
 pub struct FakeGuest {
     live: Arc<AtomicUsize>,
     alive: Arc<AtomicBool>,
@@ -136,6 +137,15 @@ fn run_script(code: String, tx: StreamTx<ExecChunk>, alive: Arc<AtomicBool>) {
 
 impl Guest for FakeGuest {
     fn exec(&self, _language: Language, code: &str) -> Result<StreamRx<ExecChunk>, GuestError> {
+        if code.starts_with("BLOCKSTART") {
+            // A guest that does not read its port: the start itself blocks
+            // until the guest is shut down (bounded, so a bug cannot hang).
+            let end = Instant::now() + Duration::from_secs(30);
+            while self.alive.load(Ordering::SeqCst) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            return Err(GuestError::Failed("the guest channel was shut down".into()));
+        }
         let (tx, rx) = bounded(EXEC_STREAM_LIMIT);
         let (code, alive) = (code.to_string(), Arc::clone(&self.alive));
         std::thread::spawn(move || run_script(code, tx, alive));
@@ -143,6 +153,9 @@ impl Guest for FakeGuest {
     }
     fn private_memory_bytes(&self) -> u64 {
         1 << 20
+    }
+    fn shutdown(&self) {
+        self.alive.store(false, Ordering::SeqCst);
     }
 }
 

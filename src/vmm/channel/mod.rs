@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use podflare_proto::{encode, encode_json, Decoder, ExecRequest, Frame, Hello, Kind, Language};
 
 use crate::devices::virtio::console::{ConsoleHandle, SinkFlow};
+use crate::devices::DeviceError;
 use crate::guest::{stream, ExecChunk, Flow, StreamRx, StreamTx, EXEC_STREAM_LIMIT};
 /// Port count: 0 = agent, 1 = Python REPL.
 pub const PORTS: usize = 2;
@@ -176,7 +177,15 @@ impl Channel {
             return Err(ChannelError::Failed(f));
         }
         let console = lock(&self.shared.console).clone().ok_or(ChannelError::NotConnected)?;
-        console.send(port, bytes).map_err(|e| ChannelError::Failed(e.to_string()))
+        console.send(port, bytes).map_err(|e| {
+            let why = e.to_string();
+            // Part of a frame may be queued: the port's byte stream is no
+            // longer framed, so the channel is done for.
+            if matches!(e, DeviceError::Stalled { .. }) {
+                self.fail(&why);
+            }
+            ChannelError::Failed(why)
+        })
     }
 
     /// Sends `Hello` (wall clock + fresh entropy) to both ports. Each end

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -30,6 +31,8 @@ pub(super) struct Shared {
     pub(super) drained: Condvar,
     pub(super) kick: EventFd,
     pub(super) limit: usize,
+    /// How long `send` waits with the port full and nothing drained.
+    pub(super) stall: Duration,
 }
 
 impl Shared {
@@ -58,6 +61,9 @@ impl ConsoleHandle {
         if p >= st.ports.len() {
             return Err(DeviceError::NoSuchPort(port));
         }
+        // A slow guest is fine (an emulated kernel drains a few hundred KiB
+        // a second); one that takes nothing for `stall` is not reading.
+        let mut last_drain = (st.ports[p].pending.len(), Instant::now());
         loop {
             if st.closed {
                 return Err(DeviceError::Closed);
@@ -65,8 +71,15 @@ impl ConsoleHandle {
             if rest.is_empty() {
                 return Ok(());
             }
-            let room = self.shared.limit.saturating_sub(st.ports[p].pending.len());
+            let pending = st.ports[p].pending.len();
+            if pending < last_drain.0 {
+                last_drain = (pending, Instant::now());
+            }
+            let room = self.shared.limit.saturating_sub(pending);
             if room == 0 {
+                if last_drain.1.elapsed() >= self.shared.stall {
+                    return Err(DeviceError::Stalled { port, secs: self.shared.stall.as_secs() });
+                }
                 st = match self.shared.drained.wait_timeout(st, SEND_WAIT) {
                     Ok((g, _)) => g,
                     Err(e) => e.into_inner().0,
@@ -76,6 +89,7 @@ impl ConsoleHandle {
             let n = room.min(rest.len());
             st.ports[p].pending.extend(&rest[..n]);
             rest = &rest[n..];
+            last_drain.0 = st.ports[p].pending.len();
             // Counter overflow is the only failure, and means already kicked.
             let _ = self.shared.kick.write(1);
         }

@@ -61,6 +61,9 @@ const MAX_CTRL_PENDING: usize = 1024;
 const TX_CHUNK: usize = 64 * 1024;
 /// How long `send` sleeps between checks while blocked on backpressure.
 const SEND_WAIT: Duration = Duration::from_millis(100);
+/// How long `send` waits on a full port while the guest takes nothing:
+/// generous, an emulated guest kernel drains slowly but steadily.
+pub const DEFAULT_SEND_STALL: Duration = Duration::from_secs(60);
 
 const CTRL_RX: usize = 2;
 const CTRL_TX: usize = 3;
@@ -131,6 +134,17 @@ impl Console {
         sink: ConsoleSink,
         limit: usize,
     ) -> Result<(Self, ConsoleHandle), DeviceError> {
+        Self::with_limits(port_names, sink, limit, DEFAULT_SEND_STALL)
+    }
+
+    /// As [`Console::with_limit`], giving up a `send` after `stall` with the
+    /// port full and nothing drained.
+    pub fn with_limits(
+        port_names: &[&str],
+        sink: ConsoleSink,
+        limit: usize,
+        stall: Duration,
+    ) -> Result<(Self, ConsoleHandle), DeviceError> {
         let n = port_names.len();
         if n == 0 || n > MAX_PORTS || limit == 0 {
             return Err(DeviceError::BadState(format!("console with {n} ports, limit {limit}")));
@@ -147,6 +161,7 @@ impl Console {
             drained: Condvar::new(),
             kick,
             limit,
+            stall,
         });
         let mut queue_sizes = Vec::with_capacity(2 * (n + 1));
         for i in 0..=n {

@@ -301,6 +301,17 @@ fn sink_pause_leaves_the_tx_queue_until_resumed() {
 }
 
 #[test]
+fn send_to_a_guest_that_reads_nothing_gives_up() {
+    let sink = Box::new(|_: u32, _: &[u8]| SinkFlow::Continue);
+    let (_c, h) = Console::with_limits(&NAMES, sink, 8, Duration::from_millis(300)).unwrap();
+    let t = std::time::Instant::now();
+    let err = h.send(1, &[7u8; 100]).unwrap_err();
+    assert!(matches!(err, DeviceError::Stalled { port: 1, .. }), "{err}");
+    assert!(t.elapsed() >= Duration::from_millis(300) && t.elapsed() < Duration::from_secs(5));
+    assert_eq!(h.pending(1), 8, "what fitted stays queued");
+}
+
+#[test]
 fn host_send_fills_rx_buffers_and_waits_for_more() {
     let m = mem();
     let (mut c, h, _, mut d, irq) = active(&m, 1 << 20);
