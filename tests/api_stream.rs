@@ -243,3 +243,23 @@ fn destroyed_sandbox_ends_a_stream_even_if_the_guest_channel_lingers() {
     assert!(ev[0]["data"].as_str().unwrap().contains("destroyed"));
     assert_eq!(*pairs(&ev).last().unwrap(), exit(137));
 }
+
+#[test]
+fn an_endless_exec_whose_client_left_does_not_keep_a_worker() {
+    let srv = start();
+    let id = create(srv.addr, "{}");
+    let mut c = Conn::open(srv.addr);
+    c.send("POST", &format!("/v1/sandboxes/{id}/exec"), Some(KEY), &[], &exec_body("start\nHANG"));
+    assert_eq!(c.head().status, 200);
+    drop(c);
+    // The worker writes the request's log line when it lets go of the
+    // stream; with the exec still running, that means another thread drains it.
+    let logged = || {
+        srv.logs.lock().unwrap().iter().any(|l| l.contains("\"request\"") && l.contains("/exec"))
+    };
+    assert!(eventually(Duration::from_secs(5), logged), "the worker still holds the endless exec");
+    // The exec itself runs on (it holds its slot) until the sandbox goes.
+    assert!(srv.controller.manager().capacity()["streams"]["active"] == 1);
+    assert_eq!(call(srv.addr, "DELETE", &format!("/v1/sandboxes/{id}"), "").status(), 204);
+    assert!(eventually(Duration::from_secs(5), || srv.controller.manager().capacity()["streams"]["active"] == 0));
+}

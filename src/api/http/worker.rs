@@ -231,7 +231,7 @@ fn serve(ctx: &Ctx, conn: &Conn, head: &Head, body: &[u8]) -> bool {
         Ok(Reply::Stream(exec)) => {
             // HTTP/1.0 has no chunked encoding: the close ends the stream.
             let chunked = !head.http10;
-            let ok = write_stream(&conn.stream, exec, chunked, head.close, w);
+            let ok = write_stream(&conn.stream, exec, chunked, head.close, w, &ctx.log);
             log_request(ctx, Some(head), 200, started, None);
             return ok && !head.close;
         }
