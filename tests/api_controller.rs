@@ -148,3 +148,44 @@ fn one_sandbox_cannot_take_every_stream_slot() {
     drop(held);
     assert!(exec(&greedy).is_ok(), "slots come back when streams end");
 }
+
+#[test]
+fn when_host_memory_runs_short_the_biggest_sandbox_goes() {
+    let cfg = test_config();
+    let factory = FakeFactory::new(10);
+    let (log, lines) = Logger::memory(cfg.log_format);
+    let c = Controller::new(factory.clone(), &cfg, log);
+    let (small, big, medium) = (create(&c), create(&c), create(&c));
+    for (id, mib) in [(&small, 10), (&big, 300), (&medium, 100)] {
+        run(&c, id, &format!("MEM {mib}"));
+    }
+    // The host can hold 250 MiB of these: the 300 MiB one must go, and only
+    // it (the reaper thread looks every 250 ms; the test may get there first).
+    let alive = |id: &String| c.execute(Action::Replay { id: id.clone() }).is_ok();
+    let gone_soon = |id: &String| {
+        let t = std::time::Instant::now();
+        while alive(id) {
+            c.manager().relieve_memory();
+            if t.elapsed() > std::time::Duration::from_secs(3) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        true
+    };
+    factory.mem_cap_mib.store(250, std::sync::atomic::Ordering::SeqCst);
+    assert!(gone_soon(&big));
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert!(alive(&small) && alive(&medium), "only the biggest went");
+    {
+        let lines = lines.lock().unwrap();
+        let line = lines.iter().find(|l| l.contains("host_memory")).expect("logged");
+        assert!(line.contains(big.as_str()), "{line}");
+    }
+    // Tighter still: the next biggest goes, then it is enough.
+    factory.mem_cap_mib.store(50, std::sync::atomic::Ordering::SeqCst);
+    assert!(gone_soon(&medium));
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert!(alive(&small));
+    assert_eq!(c.manager().relieve_memory(), 0, "no pressure, nothing destroyed");
+}

@@ -100,6 +100,12 @@ pub trait GuestFactory: Send + Sync {
     fn create(&self, spec: &GuestSpec) -> Result<Box<dyn Guest>, GuestError>;
     /// Pool and host counters for `GET /v1/capacity` (a JSON object).
     fn capacity(&self) -> serde_json::Value;
+    /// MiB the host is short of its memory floor, when guests have dirtied
+    /// too much: the sandbox layer then destroys the sandboxes holding the
+    /// most until it is not. `None` when memory is fine.
+    fn memory_pressure(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// One running guest. Dropping it destroys the VM and frees everything.

@@ -17,8 +17,12 @@ use crate::config::Config;
 use crate::guest::{GuestFactory, GuestSpec, Language};
 use crate::obs::Logger;
 
-/// How often the reaper looks for expired sandboxes.
+/// How often the reaper looks for expired sandboxes and memory pressure.
 const REAP_INTERVAL: Duration = Duration::from_millis(250);
+/// Sandboxes destroyed for memory in one reaper tick at most (the next tick
+/// looks again): freeing a guest's memory takes effect at once, so a few
+/// are enough unless many guests grow at once.
+const MAX_RELIEF_PER_TICK: usize = 8;
 
 /// 128 bits from the kernel CSPRNG as 32 hex digits.
 fn random_hex32() -> Result<String, SandboxError> {
@@ -157,6 +161,39 @@ impl Manager {
         })
     }
 
+    /// While the host is short of memory (guests dirtied more than it can
+    /// hold), destroys the sandbox holding the most guest memory, then looks
+    /// again; at most [`MAX_RELIEF_PER_TICK`] per call. Returns how many.
+    pub fn relieve_memory(&self) -> usize {
+        let mut destroyed = 0;
+        while destroyed < MAX_RELIEF_PER_TICK {
+            let Some(short_mib) = self.factory.memory_pressure() else { break };
+            let victim = {
+                let mut map = lock(&self.sandboxes);
+                let biggest = map
+                    .values()
+                    .map(|s| (s.private_memory_bytes(), s.id().to_string()))
+                    .max()
+                    .map(|(_, id)| id);
+                biggest.and_then(|id| map.remove(&id))
+            };
+            let Some(sb) = victim else { break };
+            let held = sb.private_memory_bytes();
+            sb.destroy_guest();
+            destroyed += 1;
+            self.log.warn(
+                "sandbox destroyed: host memory is low",
+                &[
+                    ("sandbox", json!(sb.id())),
+                    ("reason", json!("host_memory")),
+                    ("guest_private_bytes", json!(held)),
+                    ("short_mib", json!(short_mib)),
+                ],
+            );
+        }
+        destroyed
+    }
+
     /// Destroys every sandbox past its lifetime or idle time; returns how many.
     pub fn reap(&self, now: Instant) -> usize {
         let expired: Vec<(Arc<Sandbox>, Expiry)> = {
@@ -188,5 +225,6 @@ fn reaper(manager: Weak<Manager>) {
         std::thread::sleep(REAP_INTERVAL);
         let Some(m) = manager.upgrade() else { return };
         m.reap(Instant::now());
+        m.relieve_memory();
     }
 }

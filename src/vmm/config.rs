@@ -30,6 +30,10 @@ pub struct VmmConfig {
     /// `PODFLARE_MAX_GUEST_MEMORY_MIB` (default 80% of host RAM): admission limit
     /// on the sum of guest private memory.
     pub max_guest_memory_mib: u64,
+    /// `PODFLARE_MEMORY_FLOOR_MIB` (default 5% of host RAM, at least 512):
+    /// when guests have dirtied so much that the host's available memory
+    /// falls below this, the sandbox holding the most is destroyed.
+    pub memory_floor_mib: u64,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
@@ -86,6 +90,7 @@ impl VmmConfig {
             pool_size: env_or("PODFLARE_POOL_SIZE", 0)?,
             max_sandboxes: env_or("PODFLARE_MAX_SANDBOXES", 1000)?,
             max_guest_memory_mib: env_or("PODFLARE_MAX_GUEST_MEMORY_MIB", host_mem_mib() * 4 / 5)?,
+            memory_floor_mib: env_or("PODFLARE_MEMORY_FLOOR_MIB", (host_mem_mib() / 20).max(512))?,
         })
     }
 

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,18 +14,15 @@ use serde_json::json;
 use super::snapshot::SnapshotMeta;
 use super::template::{self, Template};
 use super::vm::Vm;
+use super::admission::{self, Admission};
 use super::{memory, persist, Backend, VmmConfig, VmmError};
 use crate::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language, StreamRx};
-
-/// Host memory set aside per new sandbox when deciding admission.
-const ADMISSION_RESERVE_MIB: u64 = 64;
 
 #[derive(Default)]
 struct Counters {
     pool_hits: AtomicU64,
     pool_misses: AtomicU64,
     created: AtomicU64,
-    live: AtomicUsize,
     restore_ns_total: AtomicU64,
 }
 
@@ -40,6 +37,7 @@ struct Inner {
     backend: Backend,
     templates: HashMap<String, Template>,
     counters: Counters,
+    admission: Admission,
     pool: Pool,
     next_vm: AtomicU64,
 }
@@ -85,12 +83,14 @@ impl VmFactory {
             let t = t?;
             templates.insert(t.name.clone(), t);
         }
+        let admission = Admission::new(cfg.max_sandboxes, cfg.max_guest_memory_mib, cfg.memory_floor_mib);
         let inner = Arc::new(Inner {
             kvm,
             cfg,
             backend,
             templates,
             counters: Counters::default(),
+            admission,
             pool: Pool { ready: Mutex::new(HashMap::new()), wake: Condvar::new() },
             next_vm: AtomicU64::new(1),
         });
@@ -146,37 +146,6 @@ impl Inner {
         self.counters.restore_ns_total.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(vm)
     }
-
-    fn admit(&self) -> Result<(), GuestError> {
-        let live = self.counters.live.load(Ordering::Relaxed);
-        if live >= self.cfg.max_sandboxes {
-            return Err(GuestError::Capacity(format!(
-                "{live} sandboxes running, the limit is {} (PODFLARE_MAX_SANDBOXES)",
-                self.cfg.max_sandboxes
-            )));
-        }
-        let (total, avail) = host_meminfo_mib();
-        let used = total.saturating_sub(avail);
-        if used + ADMISSION_RESERVE_MIB > self.cfg.max_guest_memory_mib {
-            return Err(GuestError::Capacity(format!(
-                "host memory in use is {used} MiB; admitting another sandbox would pass the {} MiB limit (PODFLARE_MAX_GUEST_MEMORY_MIB)",
-                self.cfg.max_guest_memory_mib
-            )));
-        }
-        Ok(())
-    }
-}
-
-fn host_meminfo_mib() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or(0)
-            / 1024
-    };
-    (field("MemTotal:"), field("MemAvailable:"))
 }
 
 fn pool_filler(inner: std::sync::Weak<Inner>) {
@@ -196,20 +165,19 @@ fn pool_filler(inner: std::sync::Weak<Inner>) {
             }
         }
         if let Some(name) = need {
-            if me.admit().is_err() {
+            // A pooled VM holds its place from here on (it is counted live).
+            let Ok(ticket) = me.admission.reserve() else {
                 std::thread::sleep(Duration::from_millis(500));
                 continue;
-            }
+            };
             match me.restore(&name) {
-                Ok(vm) => me
-                    .pool
-                    .ready
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(name)
-                    .or_default()
-                    .push(vm),
+                Ok(vm) => {
+                    ticket.admit();
+                    let mut ready = me.pool.ready.lock().unwrap_or_else(|p| p.into_inner());
+                    ready.entry(name).or_default().push(vm);
+                }
                 Err(e) => {
+                    drop(ticket);
                     me.cfg.log.error(
                         "warm pool: restore failed",
                         &[("template", json!(name)), ("cause", json!(e.to_string()))],
@@ -253,7 +221,7 @@ impl RunningGuest {
 
 impl Drop for RunningGuest {
     fn drop(&mut self) {
-        self.inner.counters.live.fetch_sub(1, Ordering::Relaxed);
+        self.inner.admission.release();
     }
 }
 
@@ -271,6 +239,10 @@ impl GuestFactory for VmFactory {
     fn capacity(&self) -> serde_json::Value {
         self.capacity_json()
     }
+
+    fn memory_pressure(&self) -> Option<u64> {
+        self.inner.admission.pressure()
+    }
 }
 
 impl VmFactory {
@@ -279,11 +251,11 @@ impl VmFactory {
         if !inner.templates.contains_key(&spec.template) {
             return Err(GuestError::UnknownTemplate(spec.template.clone()));
         }
-        inner.admit()?;
         let pooled = {
             let mut ready = inner.pool.ready.lock().unwrap_or_else(|p| p.into_inner());
             ready.get_mut(&spec.template).and_then(|v| v.pop())
         };
+        // From here the VM holds a place: a pooled one took it when pooled.
         let vm = match pooled {
             Some(vm) => {
                 inner.counters.pool_hits.fetch_add(1, Ordering::Relaxed);
@@ -291,10 +263,11 @@ impl VmFactory {
                 vm
             }
             None => {
+                let ticket = inner.admission.reserve()?;
                 if inner.cfg.pool_size > 0 {
                     inner.counters.pool_misses.fetch_add(1, Ordering::Relaxed);
                 }
-                inner.restore(&spec.template).map_err(|e| {
+                let vm = inner.restore(&spec.template).map_err(|e| {
                     inner.cfg.log.error(
                         "restore failed",
                         &[
@@ -304,21 +277,24 @@ impl VmFactory {
                         ],
                     );
                     GuestError::Internal(e.to_string())
-                })?
+                })?;
+                ticket.admit();
+                vm
             }
         };
-        vm.status().label(inner.cfg.log.clone(), Some(spec.sandbox_id.clone()));
+        // The guest owns the place now: its drop releases it, whatever happens next.
+        let guest = RunningGuest { vm, inner: inner.clone() };
+        guest.vm.status().label(inner.cfg.log.clone(), Some(spec.sandbox_id.clone()));
         // Fresh clock and entropy for this copy, queued ahead of any exec.
-        vm.channel().send_hello().map_err(|e| GuestError::Failed(e.to_string()))?;
-        inner.counters.live.fetch_add(1, Ordering::Relaxed);
+        guest.vm.channel().send_hello().map_err(|e| GuestError::Failed(e.to_string()))?;
         inner.counters.created.fetch_add(1, Ordering::Relaxed);
-        Ok(RunningGuest { vm, inner: inner.clone() })
+        Ok(guest)
     }
 
     fn capacity_json(&self) -> serde_json::Value {
         let inner = &self.inner;
         let c = &inner.counters;
-        let (total, avail) = host_meminfo_mib();
+        let (total, avail) = admission::host_meminfo_mib();
         let pool = inner.pool.ready.lock().unwrap_or_else(|p| p.into_inner());
         let templates: serde_json::Map<String, serde_json::Value> = inner
             .templates
@@ -340,13 +316,14 @@ impl VmFactory {
             "templates": templates,
             "pool_hits": c.pool_hits.load(Ordering::Relaxed),
             "pool_misses": c.pool_misses.load(Ordering::Relaxed),
-            "live_vms": c.live.load(Ordering::Relaxed),
+            "live_vms": inner.admission.live(),
             "created_total": created,
             "max_sandboxes": inner.cfg.max_sandboxes,
             "guest_ram_mib": inner.cfg.guest_ram_mib,
             "host_memory_total_mib": total,
             "host_memory_available_mib": avail,
             "memory_limit_mib": inner.cfg.max_guest_memory_mib,
+            "memory_floor_mib": inner.admission.floor_mib(),
         })
     }
 }

@@ -9,6 +9,7 @@
 //! `template` (template snapshots), `factory` (the `GuestFactory`: restore on
 //! create, warm pool, admission).
 
+pub mod admission;
 pub mod boot;
 pub mod channel;
 pub mod config;

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use podflare_hostd::guest::stream::{bounded, StreamRx, StreamTx};
 use podflare_hostd::guest::EXEC_STREAM_LIMIT;
 use std::sync::{Arc, Mutex};
@@ -21,15 +21,25 @@ use podflare_hostd::sandbox::Controller;
 pub const KEY: &str = "test-key-1";
 
 /// Fake factory: serves both templates, at most `limit` live guests.
+/// `mem_cap_mib` (0: none) is fake host memory: while the live guests'
+/// memory (`MEM n` sets a guest's) is above it, the factory reports pressure.
 pub struct FakeFactory {
     pub limit: usize,
     pub live: Arc<AtomicUsize>,
     pub created: AtomicUsize,
+    pub mem_cap_mib: AtomicU64,
+    mems: Mutex<Vec<std::sync::Weak<AtomicU64>>>,
 }
 
 impl FakeFactory {
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(FakeFactory { limit, live: Arc::new(AtomicUsize::new(0)), created: AtomicUsize::new(0) })
+        Arc::new(FakeFactory {
+            limit,
+            live: Arc::new(AtomicUsize::new(0)),
+            created: AtomicUsize::new(0),
+            mem_cap_mib: AtomicU64::new(0),
+            mems: Mutex::new(Vec::new()),
+        })
     }
 }
 
@@ -43,10 +53,17 @@ impl GuestFactory for FakeFactory {
         }
         self.live.fetch_add(1, Ordering::SeqCst);
         self.created.fetch_add(1, Ordering::SeqCst);
-        Ok(Box::new(FakeGuest { live: Arc::clone(&self.live), alive: Arc::new(AtomicBool::new(true)) }))
+        let mem = Arc::new(AtomicU64::new(1));
+        self.mems.lock().unwrap().push(Arc::downgrade(&mem));
+        Ok(Box::new(FakeGuest { live: Arc::clone(&self.live), alive: Arc::new(AtomicBool::new(true)), mem }))
     }
     fn capacity(&self) -> serde_json::Value {
         serde_json::json!({ "fake": true, "live": self.live.load(Ordering::SeqCst), "limit": self.limit })
+    }
+    fn memory_pressure(&self) -> Option<u64> {
+        let cap = self.mem_cap_mib.load(Ordering::SeqCst);
+        let total: u64 = self.mems.lock().unwrap().iter().filter_map(|w| w.upgrade()).map(|m| m.load(Ordering::SeqCst)).sum();
+        (cap > 0 && total > cap).then(|| total - cap)
     }
 }
 
@@ -56,10 +73,13 @@ impl GuestFactory for FakeFactory {
 /// `HEX hex` / `ERRHEX hex` (raw bytes, no newline added), `BIG n` (one
 /// stdout line of n `a`s sent in 64 KiB chunks); any other line is echoed
 /// to stdout with a newline. Ends with exit 0. Code starting `BLOCKSTART`
-/// blocks the exec's start until the guest is shut down.
+/// blocks the exec's start until the guest is shut down. Code that is
+/// `MEM n` sets the guest's memory to n MiB (and echoes the line).
 pub struct FakeGuest {
     live: Arc<AtomicUsize>,
     alive: Arc<AtomicBool>,
+    /// Its memory, MiB.
+    mem: Arc<AtomicU64>,
 }
 
 impl Drop for FakeGuest {
@@ -137,6 +157,9 @@ fn run_script(code: String, tx: StreamTx<ExecChunk>, alive: Arc<AtomicBool>) {
 
 impl Guest for FakeGuest {
     fn exec(&self, _language: Language, code: &str) -> Result<StreamRx<ExecChunk>, GuestError> {
+        if let Some(n) = code.strip_prefix("MEM ") {
+            self.mem.store(n.trim().parse().expect("MEM n"), Ordering::SeqCst);
+        }
         if code.starts_with("BLOCKSTART") {
             // A guest that does not read its port: the start itself blocks
             // until the guest is shut down (bounded, so a bug cannot hang).
@@ -152,7 +175,7 @@ impl Guest for FakeGuest {
         Ok(rx)
     }
     fn private_memory_bytes(&self) -> u64 {
-        1 << 20
+        self.mem.load(Ordering::SeqCst) << 20
     }
     fn shutdown(&self) {
         self.alive.store(false, Ordering::SeqCst);
