@@ -94,6 +94,7 @@ READY, STDOUT, STDERR, EXIT, ERROR, PONG = 64, 65, 66, 67, 68, 69
 FLUSH_MS = 2  # coalescing window while an exec prints
 FLUSH_MAX_MS = 50  # longest wait for output of an exec that is silent
 FLUSH_BYTES = 64 << 10  # send at once when this much is buffered
+OUT_FRAME_MAX = 1 << 20  # one write may be any size; its frames are not
 PORT_WAIT = 120.0  # seconds to wait for the port node to appear
 
 
@@ -189,7 +190,11 @@ class Output:
         self.size = 0
         if stream is None:
             return b""
-        return b"".join(frame(kind, stream, bytes(data)) for kind, data in chunks)
+        return b"".join(
+            frame(kind, stream, bytes(data[i : i + OUT_FRAME_MAX]))
+            for kind, data in chunks
+            for i in range(0, len(data), OUT_FRAME_MAX)
+        )
 
     def flush(self):
         """Sends what is pending; False if there was nothing."""

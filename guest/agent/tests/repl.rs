@@ -281,4 +281,10 @@ fn bytes_and_large_output() {
     assert_eq!((err.as_str(), code), ("", 0));
     assert_eq!(out.len(), (8 << 20) / 3 * 4 + 4 + 1);
     assert_eq!(r.exec(3, "print(len(data))").0, format!("{}\n", 8 << 20));
+    // One write past the protocol's 64 MiB frame limit still arrives whole
+    // (in several frames; a malformed frame would fail `next`).
+    r.exec_async(4, "import sys; sys.stdout.write('y' * (65 << 20))");
+    let (out, err, code) = r.wait(4);
+    assert_eq!((err.as_str(), code, out.len()), ("", 0, 65 << 20));
+    assert!(out.iter().all(|&b| b == b'y'));
 }
