@@ -15,6 +15,7 @@ use super::snapshot::SnapshotMeta;
 use super::template::{self, Template};
 use super::vm::Vm;
 use super::admission::{self, Admission};
+use super::cache;
 use super::{memory, persist, Backend, VmmConfig, VmmError};
 use crate::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language, StreamRx};
 
@@ -50,6 +51,11 @@ pub struct VmFactory {
 impl VmFactory {
     /// Opens KVM, and loads or builds every configured template's snapshot.
     pub fn open(cfg: VmmConfig) -> Result<VmFactory, VmmError> {
+        // Before anything is read from the cache.
+        cache::check(&cfg)?;
+        for path in cache::remove_leftovers(&cfg) {
+            cfg.log.info("removed a snapshot a killed run left half written", &[("dir", json!(path.display().to_string()))]);
+        }
         let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
         let backend = Backend::detect();
         let what = match backend {

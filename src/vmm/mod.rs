@@ -11,6 +11,7 @@
 
 pub mod admission;
 pub mod boot;
+pub mod cache;
 pub mod channel;
 pub mod config;
 pub mod device_manager;
