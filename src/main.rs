@@ -2,6 +2,9 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{SigSet, Signal};
 
 use podflare_hostd::api::{self, Gate};
 use podflare_hostd::obs::Logger;
@@ -14,7 +17,18 @@ use serde_json::json;
 /// rule); other failures exit with 1.
 const EXIT_CONFIG: u8 = 2;
 
+/// Longest a SIGTERM shutdown may take before the process exits anyway (the
+/// VMs live in this process, so nothing outlives it).
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(15);
+
 fn main() -> ExitCode {
+    // SIGTERM and SIGINT are taken by one thread with sigwait: blocked here,
+    // before any thread starts, so every thread inherits the block.
+    let stop_signals = SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT]);
+    if let Err(e) = stop_signals.thread_block() {
+        eprintln!("podflare-hostd: cannot block SIGTERM/SIGINT for orderly shutdown: {e}");
+        return ExitCode::FAILURE;
+    }
     let cfg = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -73,7 +87,7 @@ fn main() -> ExitCode {
         }
     };
     let controller = Arc::new(Controller::new(factory, &cfg, log.clone()));
-    let server = match api::serve(listener, &cfg, Gate::new(&auth), controller, log.clone()) {
+    let server = match api::serve(listener, &cfg, Gate::new(&auth), Arc::clone(&controller), log.clone()) {
         Ok(s) => s,
         Err(e) => {
             log.error(&error_chain(&e), &[]);
@@ -86,13 +100,48 @@ fn main() -> ExitCode {
         AuthMode::Disabled => "DISABLED".into(),
     };
     log.info("serving", &[("addr", json!(server.addr().to_string())), ("auth", json!(mode))]);
+    let (stopper, log2) = (server.stopper(), log.clone());
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || on_stop_signal(stop_signals, &controller, &stopper, &log2));
+    if let Err(e) = spawned {
+        log.error("cannot start the signal thread", &[("cause", json!(e.to_string()))]);
+        return ExitCode::FAILURE;
+    }
     match server.join() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            log.info("stopped", &[]);
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             log.error(&e.to_string(), &[]);
             ExitCode::FAILURE
         }
     }
+}
+
+/// Waits for SIGTERM or SIGINT, then: destroy every sandbox (open exec
+/// streams end with a stderr line saying why and exit 137), stop the server
+/// (no new connections; workers finish the streams' last lines), and let
+/// `main` return 0. If that takes longer than [`SHUTDOWN_BOUND`], exit now.
+fn on_stop_signal(signals: SigSet, controller: &Controller, stopper: &api::Stopper, log: &Logger) {
+    let sig = match signals.wait() {
+        Ok(s) => s,
+        Err(e) => {
+            log.error("waiting for SIGTERM failed; shutdown by signal is off", &[("cause", json!(e.to_string()))]);
+            return;
+        }
+    };
+    log.info("shutting down", &[("signal", json!(sig.as_str()))]);
+    let bound_log = log.clone();
+    let _ = std::thread::Builder::new().name("shutdown-bound".into()).spawn(move || {
+        std::thread::sleep(SHUTDOWN_BOUND);
+        bound_log.warn("shutdown took too long; exiting now", &[("bound_s", json!(SHUTDOWN_BOUND.as_secs()))]);
+        std::process::exit(0);
+    });
+    let n = controller.manager().destroy_all(&format!("hostd is shutting down ({})", sig.as_str()));
+    log.info("sandboxes destroyed", &[("count", json!(n))]);
+    stopper.stop();
 }
 
 /// An error with its sources, `outer: inner: ...`.

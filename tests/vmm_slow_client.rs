@@ -9,7 +9,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use common::http::{create, exists, request};
+
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -24,37 +26,6 @@ use podflare_hostd::vmm::VmmConfig;
 
 /// Python that writes 64 KiB lines for as long as it is let.
 const FLOOD: &str = "import sys\nline = 'x' * 65535 + '\\n'\nwhile True:\n    sys.stdout.write(line)\n";
-
-fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
-}
-
-fn create(addr: SocketAddr, body: &str) -> String {
-    let (status, body) = request(addr, "POST", "/v1/sandboxes", body);
-    assert_eq!(status, 200, "create: {body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-    v["id"].as_str().expect("id").to_string()
-}
-
-fn exists(addr: SocketAddr, id: &str) -> bool {
-    match request(addr, "GET", &format!("/v1/sandboxes/{id}/replay"), "").0 {
-        200 => true,
-        404 => false,
-        other => panic!("replay of {id}: status {other}"),
-    }
-}
 
 /// A connection whose receive window is tiny, so the server's writes back
 /// up after a few KiB instead of after megabytes of socket buffers.

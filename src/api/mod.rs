@@ -12,11 +12,9 @@
 pub mod auth;
 pub mod error;
 pub mod http;
-
 pub mod params;
 pub mod router;
 
 pub use auth::Gate;
 pub use error::ApiError;
-
-pub use http::{raise_nofile_limit, serve, ServerError, ServerHandle};
+pub use http::{raise_nofile_limit, serve, ServerError, ServerHandle, Stopper};

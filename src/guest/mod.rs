@@ -118,10 +118,13 @@ pub trait Guest: Send + Sync {
     /// Host memory this guest holds privately (bytes), for capacity reports.
     fn private_memory_bytes(&self) -> u64;
     /// Ends the guest's channel at once: calls blocked on it (an exec start
-    /// waiting for a guest that does not read) and later ones fail. The
-    /// sandbox layer calls it when it destroys a sandbox, before it lets go;
-    /// the VM itself is freed when the last holder drops the guest.
-    fn shutdown(&self) {}
+    /// waiting for a guest that does not read) and later ones fail, and a
+    /// running exec ends with `why`. The sandbox layer calls it when it
+    /// destroys a sandbox, before it lets go; the VM itself is freed when the
+    /// last holder drops the guest.
+    fn shutdown(&self, why: &str) {
+        let _ = why;
+    }
 }
 
 #[cfg(test)]

@@ -235,6 +235,10 @@ impl ExecStream {
                             }
                         }
                         Ok(ExecChunk::Exit(code)) => self.finish(Ok(code)),
+                        Ok(ExecChunk::Failed(msg)) if self.sandbox.is_destroyed() => self.finish(Err(format!(
+                            "podflare: sandbox {} was destroyed during this exec: {msg}",
+                            self.sandbox.id()
+                        ))),
                         Ok(ExecChunk::Failed(msg)) => {
                             self.finish(Err(format!("podflare: the sandbox failed during this exec: {msg}")))
                         }

@@ -135,12 +135,13 @@ impl Sandbox {
     }
 
     /// Destroys the guest: takes it out (so no new exec starts), ends its
-    /// channel (so a start blocked on it fails now), and drops this hold;
+    /// channel with `why` (so a start blocked on it fails now, and a running
+    /// exec says why it ended), and drops this hold;
     /// the VM is freed when the last holder lets go. True if it was there.
-    pub(super) fn destroy_guest(&self) -> bool {
+    pub(super) fn destroy_guest(&self, why: &str) -> bool {
         let taken = self.guest.write().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(g) = &taken {
-            g.shutdown();
+            g.shutdown(why);
         }
         taken.is_some()
     }

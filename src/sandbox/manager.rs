@@ -117,7 +117,7 @@ impl Manager {
     pub fn destroy(&self, id: &str) -> Result<(), SandboxError> {
         let sb = lock(&self.sandboxes).remove(id).ok_or_else(|| SandboxError::UnknownSandbox(id.to_string()))?;
         // Outside the registry lock: tearing down a VM takes time.
-        sb.destroy_guest();
+        sb.destroy_guest("the sandbox was deleted");
         self.log.info("sandbox destroyed", &[("sandbox", json!(id)), ("reason", json!("delete"))]);
         Ok(())
     }
@@ -179,7 +179,7 @@ impl Manager {
             };
             let Some(sb) = victim else { break };
             let held = sb.private_memory_bytes();
-            sb.destroy_guest();
+            sb.destroy_guest("the host ran short of memory and this sandbox held the most");
             destroyed += 1;
             self.log.warn(
                 "sandbox destroyed: host memory is low",
@@ -194,6 +194,17 @@ impl Manager {
         destroyed
     }
 
+    /// Destroys every sandbox (hostd is stopping): running execs end with
+    /// `why` and exit 137, queued ones do not start. Returns how many.
+    pub fn destroy_all(&self, why: &str) -> usize {
+        let all: Vec<Arc<Sandbox>> = lock(&self.sandboxes).drain().map(|(_, s)| s).collect();
+        for sb in &all {
+            sb.destroy_guest(why);
+            self.log.info("sandbox destroyed", &[("sandbox", json!(sb.id())), ("reason", json!("shutdown"))]);
+        }
+        all.len()
+    }
+
     /// Destroys every sandbox past its lifetime or idle time; returns how many.
     pub fn reap(&self, now: Instant) -> usize {
         let expired: Vec<(Arc<Sandbox>, Expiry)> = {
@@ -203,11 +214,11 @@ impl Manager {
             ids.into_iter().filter_map(|(id, e)| map.remove(&id).map(|s| (s, e))).collect()
         };
         for (sb, why) in &expired {
-            sb.destroy_guest();
             let reason = match why {
                 Expiry::Lifetime => "timeout_seconds",
                 Expiry::Idle => "idle_timeout_seconds",
             };
+            sb.destroy_guest(&format!("the sandbox reached its {reason}"));
             self.log.info("sandbox destroyed", &[("sandbox", json!(sb.id())), ("reason", json!(reason))]);
             if *why == Expiry::Idle && sb.persistent() {
                 self.log.warn(

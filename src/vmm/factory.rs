@@ -213,8 +213,8 @@ impl Guest for RunningGuest {
         memory::private_bytes(self.vm.memory())
     }
 
-    fn shutdown(&self) {
-        self.vm.channel().fail("sandbox destroyed");
+    fn shutdown(&self, why: &str) {
+        self.vm.channel().fail(why);
     }
 }
 

@@ -177,7 +177,7 @@ impl Guest for FakeGuest {
     fn private_memory_bytes(&self) -> u64 {
         self.mem.load(Ordering::SeqCst) << 20
     }
-    fn shutdown(&self) {
+    fn shutdown(&self, _why: &str) {
         self.alive.store(false, Ordering::SeqCst);
     }
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests that boot real VMs.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::path::PathBuf;
 
 /// Opens `/dev/kvm`. Where the device exists, failing to open it fails the

@@ -90,10 +90,29 @@ impl ServerHandle {
 
     /// Stops accepting, lets workers finish their current turn, and waits.
     pub fn shutdown(self) {
+        self.stopper().stop();
+        let _ = self.join();
+    }
+
+    /// A handle that stops the server from another thread; [`ServerHandle::join`]
+    /// then returns once the workers are done.
+    pub fn stopper(&self) -> Stopper {
+        Stopper { ctx: Arc::clone(&self.ctx) }
+    }
+}
+
+/// Stops a running server from any thread (a signal thread, say).
+#[derive(Clone)]
+pub struct Stopper {
+    ctx: Arc<Ctx>,
+}
+
+impl Stopper {
+    /// Stops accepting; workers leave after their current turn.
+    pub fn stop(&self) {
         self.ctx.queue.stop();
         // Best effort: the accept thread also wakes once a second.
         let _ = io::Write::write(&mut &self.ctx.waker, &[1]);
-        let _ = self.join();
     }
 }
 
