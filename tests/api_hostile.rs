@@ -654,3 +654,54 @@ fn stream_client_that_stops_reading_is_drained() {
     drop(r);
     checker.finish();
 }
+
+#[test]
+fn concurrent_requests_on_fresh_and_kept_alive_connections_are_all_served_promptly() {
+    // An otherwise idle server: 12 clients, half on one kept-alive
+    // connection each, half on a fresh connection per request, with short
+    // random pauses (the pattern that once left a request unserved for
+    // minutes). Every request must be answered within 1 s.
+    let srv = start();
+    let bound = Duration::from_secs(1);
+    let clients: Vec<_> = (0..12)
+        .map(|i| {
+            let addr = srv.addr;
+            std::thread::spawn(move || -> Result<Duration, String> {
+                let id = create(addr, "{}");
+                let mut kept = (i % 2 == 0).then(|| Conn::open(addr));
+                let mut worst = Duration::ZERO;
+                let mut seed = 0x9e37_79b9u32.wrapping_mul(i + 1);
+                for n in 0..60u32 {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    std::thread::sleep(Duration::from_millis(u64::from(seed % 15)));
+                    let (method, path, body) = match n % 3 {
+                        0 => ("GET", "/v1/healthz".to_string(), String::new()),
+                        1 => ("GET", "/v1/capacity".to_string(), String::new()),
+                        _ => ("POST", format!("/v1/sandboxes/{id}/exec"), r#"{"code":"x","language":"bash"}"#.to_string()),
+                    };
+                    let t = Instant::now();
+                    let status = match kept.as_mut() {
+                        Some(c) => c.call(method, &path, Some(KEY), body.as_bytes()).status(),
+                        None => Conn::open(addr).call(method, &path, Some(KEY), body.as_bytes()).status(),
+                    };
+                    let took = t.elapsed();
+                    if status != 200 {
+                        return Err(format!("client {i} request {n}: status {status}"));
+                    }
+                    if took > bound {
+                        return Err(format!("client {i} request {n} ({method} {path}) took {took:?}"));
+                    }
+                    worst = worst.max(took);
+                }
+                Ok(worst)
+            })
+        })
+        .collect();
+    let mut worst = Duration::ZERO;
+    for c in clients {
+        worst = worst.max(c.join().unwrap().unwrap_or_else(|e| panic!("{e}")));
+    }
+    eprintln!("720 requests, slowest {worst:?}");
+}

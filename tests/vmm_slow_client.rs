@@ -14,15 +14,8 @@ use common::http::{create, exists, request};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use podflare_hostd::api::{serve, Gate};
-use podflare_hostd::config::{AuthMode, Config, LogFormat};
-use podflare_hostd::obs::Logger;
-use podflare_hostd::sandbox::Controller;
-use podflare_hostd::vmm::factory::VmFactory;
-use podflare_hostd::vmm::VmmConfig;
 
 /// Python that writes 64 KiB lines for as long as it is let.
 const FLOOD: &str = "import sys\nline = 'x' * 65535 + '\\n'\nwhile True:\n    sys.stdout.write(line)\n";
@@ -65,14 +58,7 @@ fn stuck_exec(addr: SocketAddr, id: &str) -> TcpStream {
 #[test]
 fn a_client_that_stops_reading_delays_neither_delete_nor_reaping() {
     let Some(_kvm) = common::kvm_or_skip() else { return };
-    let mut vcfg = VmmConfig::from_env().expect("PODFLARE_* settings");
-    vcfg.templates = vec!["default".into()];
-    vcfg.pool_size = 0;
-    let factory = Arc::new(VmFactory::open(vcfg).expect("template snapshot of `default` (run scripts/setup first)"));
-    let cfg = Config { addr: "127.0.0.1:0".into(), log_format: LogFormat::Json, ..Config::default() };
-    let (log, _lines) = Logger::memory(cfg.log_format);
-    let controller = Arc::new(Controller::new(factory, &cfg, log.clone()));
-    let server = serve(cfg.bind().expect("bind"), &cfg, Gate::new(&AuthMode::LoopbackDev), controller, log).expect("serve");
+    let server = common::real_server(|_| {});
     let addr = server.addr();
 
     // `deleted` is deleted by the test, `lived` reaches its lifetime while

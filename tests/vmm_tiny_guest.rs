@@ -33,19 +33,6 @@ fn spec(rootfs: &std::path::Path) -> VmSpec {
 /// file take turns.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn count_dir(path: &str) -> usize {
-    std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0)
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn run_once(kvm: &kvm_ioctls::Kvm, rootfs: &std::path::Path, i: usize) {
     let vm = Vm::boot_code(kvm, &format!("tiny{i}"), &spec(rootfs), GUEST).expect("boot tiny guest");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -69,15 +56,15 @@ fn fifty_create_destroy_cycles_leave_no_trace() {
     // Warm up once so lazily created process-wide state (signal handler,
     // allocator arenas) is not counted as a leak.
     run_once(&kvm, &rootfs, 0);
-    let fds0 = count_dir("/proc/self/fd");
-    let threads0 = count_dir("/proc/self/task");
-    let rss0 = rss_kib();
+    let fds0 = common::count_dir("/proc/self/fd");
+    let threads0 = common::count_dir("/proc/self/task");
+    let rss0 = common::rss_kib();
     for i in 1..=50 {
         run_once(&kvm, &rootfs, i);
     }
-    let fds1 = count_dir("/proc/self/fd");
-    let threads1 = count_dir("/proc/self/task");
-    let rss1 = rss_kib();
+    let fds1 = common::count_dir("/proc/self/fd");
+    let threads1 = common::count_dir("/proc/self/task");
+    let rss1 = common::rss_kib();
     eprintln!("fds {fds0} -> {fds1}, threads {threads0} -> {threads1}, rss {rss0} KiB -> {rss1} KiB");
     assert_eq!(fds1, fds0, "file descriptors leaked");
     assert!(threads1 <= threads0, "threads leaked: {threads0} -> {threads1}");

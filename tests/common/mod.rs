@@ -28,3 +28,36 @@ pub fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
 pub fn cache_dir() -> PathBuf {
     std::env::var("PODFLARE_CACHE").map(PathBuf::from).unwrap_or_else(|_| "/var/lib/podflare".into())
 }
+
+/// Entries in a /proc directory (fds, tasks).
+pub fn count_dir(path: &str) -> usize {
+    std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0)
+}
+
+/// This process's resident set, KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The real HTTP server over real VMs of the `default` template, in this
+/// process, on an ephemeral loopback port, auth off.
+pub fn real_server(tune: impl FnOnce(&mut podflare_hostd::config::Config)) -> podflare_hostd::api::ServerHandle {
+    use podflare_hostd::config::{AuthMode, Config, LogFormat};
+    use std::sync::Arc;
+    let mut vcfg = podflare_hostd::vmm::VmmConfig::from_env().expect("PODFLARE_* settings");
+    vcfg.templates = vec!["default".into()];
+    vcfg.pool_size = 0;
+    let factory = podflare_hostd::vmm::factory::VmFactory::open(vcfg)
+        .expect("template snapshot of `default` (run scripts/setup first)");
+    let mut cfg = Config { addr: "127.0.0.1:0".into(), log_format: LogFormat::Json, ..Config::default() };
+    tune(&mut cfg);
+    let (log, _lines) = podflare_hostd::obs::Logger::memory(cfg.log_format);
+    let controller = Arc::new(podflare_hostd::sandbox::Controller::new(Arc::new(factory), &cfg, log.clone()));
+    let gate = podflare_hostd::api::Gate::new(&AuthMode::LoopbackDev);
+    podflare_hostd::api::serve(cfg.bind().expect("bind"), &cfg, gate, controller, log).expect("serve")
+}
