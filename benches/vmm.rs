@@ -285,7 +285,7 @@ fn bench_density(f: &VmFactory) {
     std::thread::sleep(Duration::from_secs(10));
     let cpu = (cpu_seconds() - c0) / t0.elapsed().as_secs_f64();
     let private: u64 = live.iter().take(20).map(|g| g.private_memory_bytes()).sum();
-    let per = private as f64 / live.len().min(20).max(1) as f64 / (1 << 20) as f64;
+    let per = private as f64 / live.len().clamp(1, 20) as f64 / (1 << 20) as f64;
     row(
         "idle sandboxes held at once",
         format!("{}", live.len()),

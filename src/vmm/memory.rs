@@ -49,7 +49,7 @@ pub enum MemoryError {
 }
 
 fn check_size(bytes: u64) -> Result<usize, MemoryError> {
-    if bytes == 0 || bytes % (2 << 20) != 0 || bytes > MAX_RAM_BYTES {
+    if bytes == 0 || !bytes.is_multiple_of(2 << 20) || bytes > MAX_RAM_BYTES {
         return Err(MemoryError::BadSize(bytes));
     }
     usize::try_from(bytes).map_err(|_| MemoryError::BadSize(bytes))

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use podflare_proto::{encode, encode_json, Decoder, ExecRequest, Frame, Hello, Kind, Language};
 
-use crate::devices::virtio::console::{ConsoleHandle, SinkFlow};
+use crate::devices::virtio::console::{ConsoleHandle, ConsoleSink, SinkFlow};
 use crate::devices::DeviceError;
 use crate::guest::{stream, ExecChunk, Flow, StreamRx, StreamTx, EXEC_STREAM_LIMIT};
 /// Port count: 0 = agent, 1 = Python REPL.
@@ -84,7 +84,7 @@ impl Channel {
     }
 
     /// The callback the console device calls with guest bytes.
-    pub fn sink(&self) -> Box<dyn FnMut(u32, &[u8]) -> SinkFlow + Send> {
+    pub fn sink(&self) -> ConsoleSink {
         let me = self.clone();
         Box::new(move |port, bytes| me.on_guest_bytes(port, bytes))
     }
