@@ -16,6 +16,7 @@ use super::template::{self, Template};
 use super::vm::Vm;
 use super::{memory, persist, Backend, VmmConfig, VmmError};
 use crate::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language, StreamRx};
+use crate::seccomp::{self, ThreadKind};
 
 /// Host memory set aside per new sandbox when deciding admission.
 const ADMISSION_RESERVE_MIB: u64 = 64;
@@ -180,6 +181,14 @@ fn host_meminfo_mib() -> (u64, u64) {
 }
 
 fn pool_filler(inner: std::sync::Weak<Inner>) {
+    // Never restore unfiltered. The binary probes every filter at start-up,
+    // so this fails only if the kernel changed its mind since.
+    if let Err(e) = seccomp::install(ThreadKind::PoolFiller) {
+        if let Some(me) = inner.upgrade() {
+            me.cfg.log.error("warm pool stopped: creates restore on demand", &[("cause", json!(e.to_string()))]);
+        }
+        return;
+    }
     loop {
         let Some(me) = inner.upgrade() else { return };
         let mut need = None;
