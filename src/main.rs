@@ -50,6 +50,8 @@ fn main() -> ExitCode {
         // Refuse to serve rather than run threads unfiltered.
         log.error(&format!("{} (PODFLARE_SECCOMP=0 turns filters off)", error_chain(&e)), &[]);
         return ExitCode::FAILURE;
+    } else {
+        log.info("seccomp filters on", &[("kinds", json!(seccomp::ThreadKind::ALL.len()))]);
     }
     // Every connection is an fd; the usual soft limit of 1024 (and every VM holds
     // several) would make accept() fail long before PODFLARE_MAX_CONNECTIONS.

@@ -48,6 +48,8 @@ fn runtime(r: &mut Rules) -> Built {
     // Locks, condvars, channels, sleeps, clocks (vDSO fallbacks), HashMap keys.
     any(r, &[libc::SYS_futex, libc::SYS_sched_yield, libc::SYS_nanosleep, libc::SYS_clock_nanosleep]);
     any(r, &[libc::SYS_clock_gettime, libc::SYS_gettimeofday, libc::SYS_getrandom]);
+    // CPU count: std's thread start, glibc's malloc sizing its arenas.
+    any(r, &[libc::SYS_sched_getaffinity]);
     // Log lines and panic messages on stderr; dropping what a thread owns.
     any(r, &[libc::SYS_write, libc::SYS_close]);
     // Thread exit (stack and signal stack freed, robust futexes), signal
@@ -68,9 +70,8 @@ fn thread_start(r: &mut Rules) -> Built {
     any(r, &[libc::SYS_clone3]);
     let thread = libc::CLONE_THREAD as u64;
     when(r, libc::SYS_clone, 0, Op::MaskedEq(thread), thread)?;
-    // The child's start: robust list, rseq, its name, its stack guard
-    // (std reads its attributes: sched_getaffinity).
-    any(r, &[libc::SYS_set_robust_list, libc::SYS_rseq, libc::SYS_sched_getaffinity]);
+    // The child's start: robust list, rseq, its name.
+    any(r, &[libc::SYS_set_robust_list, libc::SYS_rseq]);
     when(r, libc::SYS_prctl, 0, Op::Eq, libc::PR_SET_NAME as u64)?;
     // Then it installs its own filters (only ever narrowing).
     when(r, libc::SYS_prctl, 0, Op::Eq, libc::PR_SET_NO_NEW_PRIVS as u64)?;
