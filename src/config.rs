@@ -148,6 +148,9 @@ pub struct Config {
     pub ram_mib: Bound,
     /// `PODFLARE_ROOTFS_GB` / `PODFLARE_MAX_ROOTFS_GB` (4 / 64).
     pub rootfs_gb: Bound,
+    /// `PODFLARE_SECCOMP` (default on): every thread kind installs its
+    /// seccomp filter ([`crate::seccomp`]); `0` turns them all off.
+    pub seccomp: bool,
 }
 
 impl Default for Config {
@@ -175,6 +178,7 @@ impl Default for Config {
             idle_timeout_seconds: Bound { default: 600, max: 86_400 },
             ram_mib: Bound { default: 512, max: 16_384 },
             rootfs_gb: Bound { default: 4, max: 64 },
+            seccomp: true,
         }
     }
 }
@@ -208,7 +212,12 @@ fn secs(get: &dyn Fn(&str) -> Option<String>, name: &'static str, default: Durat
 }
 
 fn flag(get: &dyn Fn(&str) -> Option<String>, name: &'static str) -> Result<bool, ConfigError> {
-    let Some(raw) = var(get, name) else { return Ok(false) };
+    flag_or(get, name, false)
+}
+
+/// A boolean setting, `default` when unset.
+fn flag_or(get: &dyn Fn(&str) -> Option<String>, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+    let Some(raw) = var(get, name) else { return Ok(default) };
     match raw.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
@@ -305,6 +314,7 @@ impl Config {
             )?,
             ram_mib: bound(get, "PODFLARE_RAM_MIB", "PODFLARE_MAX_RAM_MIB", d.ram_mib)?,
             rootfs_gb: bound(get, "PODFLARE_ROOTFS_GB", "PODFLARE_MAX_ROOTFS_GB", d.rootfs_gb)?,
+            seccomp: flag_or(get, "PODFLARE_SECCOMP", d.seccomp)?,
         })
     }
 

@@ -6,7 +6,7 @@
 //! (bus, serial, virtio). Neutral, usable from every layer: `config`
 //! (environment, the loopback rule), `guest` (the seam between the sandbox
 //! layer and a running guest, and the bounded streams guest output travels
-//! in), `obs` (logging).
+//! in), `obs` (logging), `seccomp` (the filters each thread kind installs).
 #![warn(missing_docs)]
 
 pub mod api;
@@ -15,4 +15,5 @@ pub mod devices;
 pub mod guest;
 pub mod obs;
 pub mod sandbox;
+pub mod seccomp;
 pub mod vmm;

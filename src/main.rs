@@ -1,4 +1,5 @@
-//! podflare-hostd: settings -> start-up safety check -> VMM -> bind -> serve.
+//! podflare-hostd: settings -> start-up safety check -> seccomp probe -> VMM ->
+//! bind -> serve.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use podflare_hostd::api::{self, Gate};
 use podflare_hostd::obs::Logger;
 use podflare_hostd::config::{AuthMode, Config};
 use podflare_hostd::sandbox::Controller;
+use podflare_hostd::seccomp;
 use podflare_hostd::vmm::{self, VmmConfig};
 use serde_json::json;
 
@@ -50,6 +52,20 @@ fn main() -> ExitCode {
             "AUTH IS DISABLED (PODFLARE_AUTH_DISABLED=1): anyone who can reach this port can run code",
             &[("addr", json!(cfg.addr))],
         );
+    }
+    // Before any thread starts: each installs its kind's filter at its start.
+    seccomp::set_enabled(cfg.seccomp);
+    if !cfg.seccomp {
+        log.warn(
+            "SECCOMP IS OFF (PODFLARE_SECCOMP=0): no thread has a syscall filter, a hostile guest or client that takes over a thread can use every syscall",
+            &[],
+        );
+    } else if let Err(e) = seccomp::probe_all() {
+        // Refuse to serve rather than run threads unfiltered.
+        log.error(&format!("{} (PODFLARE_SECCOMP=0 turns filters off)", error_chain(&e)), &[]);
+        return ExitCode::FAILURE;
+    } else {
+        log.info("seccomp filters on", &[("kinds", json!(seccomp::ThreadKind::ALL.len()))]);
     }
     // Every connection is an fd; the usual soft limit of 1024 (and every VM holds
     // several) would make accept() fail long before PODFLARE_MAX_CONNECTIONS.

@@ -1,6 +1,7 @@
 //! The module layers point down only: api -> sandbox -> vmm -> devices, with
-//! config, the guest seam (`guest`) and logging (`obs`) neutral: every layer
-//! may use them and they use no layer. Read from the source itself: every
+//! config, the guest seam (`guest`), logging (`obs`) and the seccomp
+//! filters (`seccomp`) neutral: every layer may use them and they use no
+//! layer. Read from the source itself: every
 //! `crate::<module>` path outside comments is an arrow.
 
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ fn rank(module: &str) -> Option<Option<u8>> {
         "vmm" => Some(Some(1)),
         "sandbox" => Some(Some(2)),
         "api" => Some(Some(3)),
-        "config" | "guest" | "obs" => Some(None),
+        "config" | "guest" | "obs" | "seccomp" => Some(None),
         _ => None,
     }
 }

@@ -55,6 +55,7 @@ fn bad_values_name_the_variable() {
         ("PODFLARE_MAX_CONNECTIONS", "0"),
         ("PODFLARE_HTTP_HEADER_TIMEOUT_SECS", "0"),
         ("PODFLARE_HTTP_WRITE_TIMEOUT_SECS", "soon"),
+        ("PODFLARE_SECCOMP", "sometimes"),
     ] {
         let err = cfg(&[(k, v)]).unwrap_err().to_string();
         assert!(err.contains(k), "{err}");
@@ -69,4 +70,11 @@ fn placement_needs_both() {
     assert!(c.placement().is_none());
     let c = cfg(&[("PODFLARE_REGION", "eu"), ("PODFLARE_PUBLIC_URL", "https://h")]).unwrap();
     assert_eq!(c.placement(), Some(("eu".into(), "https://h".into())));
+}
+
+#[test]
+fn seccomp_is_on_unless_turned_off() {
+    assert!(cfg(&[]).unwrap().seccomp);
+    assert!(cfg(&[("PODFLARE_SECCOMP", "1")]).unwrap().seccomp);
+    assert!(!cfg(&[("PODFLARE_SECCOMP", "0")]).unwrap().seccomp);
 }

@@ -16,6 +16,7 @@ use super::SandboxError;
 use crate::config::Config;
 use crate::guest::{GuestFactory, GuestSpec, Language};
 use crate::obs::Logger;
+use crate::seccomp::{self, ThreadKind};
 
 /// How often the reaper looks for expired sandboxes and memory pressure.
 const REAP_INTERVAL: Duration = Duration::from_millis(250);
@@ -54,7 +55,8 @@ impl Manager {
             streams: Arc::new(AtomicUsize::new(0)),
         });
         let weak = Arc::downgrade(&m);
-        let spawned = std::thread::Builder::new().name("reaper".into()).spawn(move || reaper(weak));
+        let reaper_log = log.clone();
+        let spawned = std::thread::Builder::new().name("reaper".into()).spawn(move || reaper(weak, &reaper_log));
         if let Err(e) = spawned {
             log.error("cannot start the reaper thread; sandboxes will not expire", &[("cause", json!(e.to_string()))]);
         }
@@ -231,7 +233,13 @@ impl Manager {
     }
 }
 
-fn reaper(manager: Weak<Manager>) {
+fn reaper(manager: Weak<Manager>, log: &Logger) {
+    // Never reap unfiltered. The binary probes every filter at start-up,
+    // so this fails only if the kernel changed its mind since.
+    if let Err(e) = seccomp::install(ThreadKind::Reaper) {
+        log.error("reaper thread stopped; sandboxes will not expire", &[("cause", json!(e.to_string()))]);
+        return;
+    }
     loop {
         std::thread::sleep(REAP_INTERVAL);
         let Some(m) = manager.upgrade() else { return };

@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{memory, VmStatus, VmmError};
+use crate::seccomp::{self, ThreadKind};
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::serial::{ConsoleLog, SerialDevice, SerialState};
 use crate::devices::virtio::block::Block;
@@ -271,7 +272,8 @@ impl DeviceManager {
     /// Starts the VM's device thread: it waits on the queue notifiers and
     /// host kicks and runs the device code for each, until `stop` is
     /// written. Guest-facing code runs here, so a panic is caught and fails
-    /// only this VM.
+    /// only this VM, and the thread installs its seccomp filter first (an
+    /// error is returned once it is known, and the thread has ended).
     pub fn spawn_thread(
         name: &str,
         stop: &EventFd,
@@ -290,9 +292,18 @@ impl DeviceManager {
                 .map_err(VmmError::Io)?;
         }
         let stop = stop.try_clone().map_err(VmmError::Io)?;
-        std::thread::Builder::new()
+        let (ready, filtered) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
             .name(format!("{name}-dev"))
             .spawn(move || {
+                // The filter first; device emulation (guest-controlled
+                // input) never runs unfiltered.
+                let installed = seccomp::install(ThreadKind::Device);
+                let ok = installed.is_ok();
+                let _ = ready.send(installed);
+                if !ok {
+                    return;
+                }
                 let body = std::panic::AssertUnwindSafe(|| {
                     let mut events = vec![EpollEvent::default(); 16];
                     loop {
@@ -322,7 +333,19 @@ impl DeviceManager {
                     status.fail("device emulation panicked".to_string());
                 }
             })
-            .map_err(VmmError::Io)
+            .map_err(VmmError::Io)?;
+        // The VM is refused rather than run without its device thread.
+        match filtered.recv() {
+            Ok(Ok(())) => Ok(thread),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(VmmError::Seccomp(e))
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(VmmError::Config("the device thread ended before it started".into()))
+            }
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use super::admission::{self, Admission};
 use super::cache;
 use super::{memory, persist, Backend, VmmConfig, VmmError};
 use crate::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language, StreamRx};
+use crate::seccomp::{self, ThreadKind};
 
 #[derive(Default)]
 struct Counters {
@@ -155,6 +156,14 @@ impl Inner {
 }
 
 fn pool_filler(inner: std::sync::Weak<Inner>) {
+    // Never restore unfiltered. The binary probes every filter at start-up,
+    // so this fails only if the kernel changed its mind since.
+    if let Err(e) = seccomp::install(ThreadKind::PoolFiller) {
+        if let Some(me) = inner.upgrade() {
+            me.cfg.log.error("warm pool stopped: creates restore on demand", &[("cause", json!(e.to_string()))]);
+        }
+        return;
+    }
     loop {
         let Some(me) = inner.upgrade() else { return };
         let mut need = None;

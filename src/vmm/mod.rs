@@ -112,6 +112,9 @@ pub enum VmmError {
     /// OS-level failure.
     #[error("I/O: {0}")]
     Io(#[source] std::io::Error),
+    /// A VM thread could not install its seccomp filter (it did not run).
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Who a VM is in log lines: its name, the sandbox it serves, the logger.

@@ -124,9 +124,9 @@ pub struct VcpuContext {
     pub on_thread_start: Option<ThreadStartHook>,
 }
 
-/// Runs on each new vCPU thread with its index. This is where the vCPU
-/// threads' seccomp filter is to be installed: a filter binds only the thread
-/// that installs it. An error fails the VM rather than run a vCPU without it.
+/// Runs on each new vCPU thread with its index. `Vm` installs the vCPU
+/// threads' seccomp filter here: a filter binds only the thread that
+/// installs it. An error fails the VM rather than run a vCPU without it.
 pub type ThreadStartHook = Arc<dyn Fn(u8) -> Result<(), String> + Send + Sync>;
 
 impl VcpuContext {

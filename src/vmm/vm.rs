@@ -26,6 +26,7 @@ use super::vcpu::{VcpuCommand, VcpuContext, VcpuHandle, VcpuReply};
 use super::{Backend, VmStatus, VmmError};
 use crate::devices::serial::ConsoleLog;
 use crate::devices::GuestMemory;
+use crate::seccomp::{self, ThreadKind};
 
 const TSS_ADDR: usize = 0xfffb_d000;
 const CONSOLE_LOG_BYTES: usize = 64 << 10;
@@ -215,7 +216,9 @@ impl Vm {
             mmio: Arc::new(devices.bus(BusKind::Mmio)?),
             status: status.clone(),
             msr_indices,
-            on_thread_start: None,
+            // Each vCPU thread narrows itself before its first KVM_RUN; an
+            // error fails the VM (see `ThreadStartHook`).
+            on_thread_start: Some(Arc::new(|_| seccomp::install(ThreadKind::Vcpu).map_err(|e| e.to_string()))),
         });
         let mut vcpus = Vec::new();
         for (i, fd) in fds.into_iter().enumerate() {

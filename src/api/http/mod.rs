@@ -19,6 +19,10 @@
 //!   read holds a worker for the write timeout at most; an exec stream it
 //!   stops reading is drained without writing.
 //!
+//! Each thread installs its seccomp filter before anything else
+//! ([`crate::seccomp`]); [`serve`] returns only once every one has, and
+//! fails (stopping them all) if one could not.
+//!
 //! Heads are parsed by httparse and bounded ([`request`]): 64 KiB and 100
 //! headers, else 431; bodies by `PODFLARE_MAX_BODY_MIB`, else 413, checked
 //! on the declared length before a byte of body is read.
@@ -33,7 +37,8 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -45,6 +50,7 @@ use super::auth::Gate;
 use crate::config::Config;
 use crate::obs::Logger;
 use crate::sandbox::Controller;
+use crate::seccomp::{self, SeccompError, ThreadKind};
 
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +64,10 @@ pub enum ServerError {
     /// The accept thread died (a bug): no new connections are taken.
     #[error("the server stopped accepting connections: {0}")]
     Stopped(String),
+    /// A server thread could not install its seccomp filter; the server
+    /// did not start (no thread serves unfiltered).
+    #[error("a server thread cannot install its seccomp filter")]
+    Seccomp(#[source] SeccompError),
 }
 
 /// A running server. Dropping it leaves the threads running; call
@@ -139,10 +149,13 @@ pub fn serve(
         idle: cfg.http_idle_timeout,
     };
     let ctx = Arc::new(Ctx { gate, controller, log, limits, back, waker, queue: Queue::default() });
+    let (ready, filtered) = mpsc::channel();
     let mut workers = Vec::with_capacity(cfg.http_workers);
     for i in 0..cfg.http_workers {
-        let shared = Arc::clone(&ctx);
-        let w = std::thread::Builder::new().name(format!("http-{i}")).spawn(move || worker::run(&shared));
+        let (shared, ready) = (Arc::clone(&ctx), ready.clone());
+        let w = std::thread::Builder::new()
+            .name(format!("http-{i}"))
+            .spawn(move || filtered_thread(ThreadKind::HttpWorker, &ready, || worker::run(&shared)));
         match w {
             Ok(w) => workers.push(w),
             Err(e) => {
@@ -153,14 +166,41 @@ pub fn serve(
         }
     }
     let acceptor = Acceptor::new(listener, wake_rx, back_rx, Arc::clone(&ctx), cfg.max_connections);
-    let acceptor = match std::thread::Builder::new().name("http-accept".into()).spawn(move || acceptor.run()) {
+    let spawned = std::thread::Builder::new()
+        .name("http-accept".into())
+        .spawn(move || filtered_thread(ThreadKind::HttpAccept, &ready, || acceptor.run()));
+    let acceptor = match spawned {
         Ok(a) => a,
         Err(e) => {
             ctx.queue.stop();
             return Err(ServerError::Spawn(e));
         }
     };
-    Ok(ServerHandle { addr, ctx, acceptor, workers })
+    let server = ServerHandle { addr, ctx, acceptor, workers };
+    // Every thread answers once, before it serves anything.
+    for _ in 0..=cfg.http_workers {
+        let answer = filtered.recv().unwrap_or_else(|_| Err(probe_died(ThreadKind::HttpWorker)));
+        if let Err(e) = answer {
+            server.shutdown();
+            return Err(ServerError::Seccomp(e));
+        }
+    }
+    Ok(server)
+}
+
+/// Installs `kind`'s filter on this thread, reports the outcome, and runs
+/// `body` only if it is in: a thread never serves unfiltered.
+fn filtered_thread(kind: ThreadKind, ready: &Sender<Result<(), SeccompError>>, body: impl FnOnce()) {
+    let installed = seccomp::install(kind);
+    let ok = installed.is_ok();
+    let _ = ready.send(installed);
+    if ok {
+        body();
+    }
+}
+
+fn probe_died(kind: ThreadKind) -> SeccompError {
+    SeccompError::Probe { kind, why: "a server thread ended before reporting its filter".into() }
 }
 
 /// Raises the soft limit on open files to the hard limit (a server with
