@@ -145,8 +145,9 @@ pub fn allowed(kind: ThreadKind) -> Result<Rules, BackendError> {
             thread_start(&mut r)?;
             vm_build(&mut r)?;
         }
-        // Dropping VMs (kicks, joins, closes, unmaps) needs only the runtime.
-        ThreadKind::Reaper => {}
+        // Dropping VMs (kicks, joins, closes, unmaps) needs only the runtime;
+        // the memory watchdog reads /proc/meminfo and /proc/self/smaps.
+        ThreadKind::Reaper => files_read_only(&mut r)?,
         ThreadKind::Device => {
             device_work(&mut r);
             any(&mut r, &[libc::SYS_epoll_wait]);

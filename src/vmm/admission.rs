@@ -22,17 +22,17 @@ use crate::guest::GuestError;
 /// Host memory set aside per restore under way when deciding admission.
 pub const RESERVE_MIB: u64 = 64;
 
-/// Host memory, in MiB: total and available (`/proc/meminfo`).
-pub fn host_meminfo_mib() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+/// Host memory, in MiB: total and available (`/proc/meminfo`); `None` when
+/// it cannot be read (then no decision is made on a made-up zero).
+pub fn host_meminfo_mib() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or(0)
-            / 1024
+            .map(|kib| kib / 1024)
     };
-    (field("MemTotal:"), field("MemAvailable:"))
+    Some((field("MemTotal:")?, field("MemAvailable:")?))
 }
 
 /// The host's admission state.
@@ -44,7 +44,7 @@ pub struct Admission {
     live: AtomicUsize,
     /// Restores under way: their memory is not in the reading yet.
     starting: AtomicUsize,
-    meminfo: fn() -> (u64, u64),
+    meminfo: fn() -> Option<(u64, u64)>,
 }
 
 /// A place for one sandbox, taken before its restore. Dropped unused, it
@@ -63,7 +63,12 @@ impl Admission {
     }
 
     /// As [`Admission::new`] with another memory reading (tests).
-    pub fn with_meminfo(max_sandboxes: usize, limit_mib: u64, floor_mib: u64, meminfo: fn() -> (u64, u64)) -> Self {
+    pub fn with_meminfo(
+        max_sandboxes: usize,
+        limit_mib: u64,
+        floor_mib: u64,
+        meminfo: fn() -> Option<(u64, u64)>,
+    ) -> Self {
         Admission {
             max_sandboxes,
             limit_mib,
@@ -82,7 +87,9 @@ impl Admission {
         })?;
         let starting = self.starting.fetch_add(1, Ordering::AcqRel) as u64 + 1;
         let ticket = Ticket { adm: self, admitted: false };
-        let (total, avail) = (self.meminfo)();
+        let Some((total, avail)) = (self.meminfo)() else {
+            return Err(GuestError::Capacity("cannot read host memory (/proc/meminfo); not admitting".into()));
+        };
         let used = total.saturating_sub(avail) + starting * RESERVE_MIB;
         if used > self.limit_mib {
             return Err(GuestError::Capacity(format!(
@@ -106,7 +113,7 @@ impl Admission {
     /// MiB of memory the host is short of its floor, if it is: then the
     /// sandbox holding the most should be destroyed.
     pub fn pressure(&self) -> Option<u64> {
-        let (_, avail) = (self.meminfo)();
+        let (_, avail) = (self.meminfo)()?;
         (avail < self.floor_mib).then(|| self.floor_mib - avail)
     }
 
@@ -138,15 +145,27 @@ mod tests {
     use std::sync::atomic::AtomicU64;
     use std::sync::{Arc, Barrier};
 
-    fn fake_meminfo() -> (u64, u64) {
-        (16_000, 10_000)
+    fn fake_meminfo() -> Option<(u64, u64)> {
+        Some((16_000, 10_000))
     }
 
     /// Available memory the pressure test moves (its own: tests run in parallel).
     static AVAIL: AtomicU64 = AtomicU64::new(10_000);
 
-    fn moving_meminfo() -> (u64, u64) {
-        (16_000, AVAIL.load(Ordering::SeqCst))
+    fn moving_meminfo() -> Option<(u64, u64)> {
+        Some((16_000, AVAIL.load(Ordering::SeqCst)))
+    }
+
+    fn unreadable_meminfo() -> Option<(u64, u64)> {
+        None
+    }
+
+    #[test]
+    fn unreadable_meminfo_is_no_pressure_and_no_admission() {
+        let adm = Admission::with_meminfo(10, u64::MAX, 2_000, unreadable_meminfo);
+        assert_eq!(adm.pressure(), None, "no sandbox is destroyed on a reading that failed");
+        assert!(adm.reserve().is_err());
+        assert_eq!(adm.live(), 0);
     }
 
     #[test]

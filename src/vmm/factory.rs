@@ -309,7 +309,7 @@ impl VmFactory {
     fn capacity_json(&self) -> serde_json::Value {
         let inner = &self.inner;
         let c = &inner.counters;
-        let (total, avail) = admission::host_meminfo_mib();
+        let (total, avail) = admission::host_meminfo_mib().unwrap_or((0, 0));
         let pool = inner.pool.ready.lock().unwrap_or_else(|p| p.into_inner());
         let templates: serde_json::Map<String, serde_json::Value> = inner
             .templates
