@@ -161,7 +161,13 @@ pub fn read_state(path: &Path, expect: &SnapshotMeta) -> Result<SnapshotFile, Sn
         return Err(SnapshotError::TooLarge(path.display().to_string()));
     }
     let bytes = std::fs::read(path).map_err(io_err(path))?;
-    let snap = decode(&bytes, &path.display().to_string())?;
+    decode_state(&bytes, &path.display().to_string(), expect)
+}
+
+/// The checks of [`read_state`] on bytes already read: the frame, then the
+/// metadata against what this host expects (`path` only names it in errors).
+pub fn decode_state(bytes: &[u8], path: &str, expect: &SnapshotMeta) -> Result<SnapshotFile, SnapshotError> {
+    let snap = decode(bytes, path)?;
     let m = &snap.meta;
     let what = if m.backend != expect.backend {
         Some(format!("taken on {} KVM, this host is {}", m.backend.name(), expect.backend.name()))
@@ -177,7 +183,7 @@ pub fn read_state(path: &Path, expect: &SnapshotMeta) -> Result<SnapshotFile, Sn
         None
     };
     match what {
-        Some(what) => Err(SnapshotError::Mismatch { path: path.display().to_string(), what }),
+        Some(what) => Err(SnapshotError::Mismatch { path: path.to_string(), what }),
         None => Ok(snap),
     }
 }

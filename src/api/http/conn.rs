@@ -154,15 +154,24 @@ impl Conn {
         let mut scratch = [0u8; READ_CHUNK];
         let want = self.read_allowance();
         let n = recv(self.stream.as_raw_fd(), &mut scratch[..want], MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)?;
+        Ok(self.receive(&scratch[..n]))
+    }
+
+    /// Takes bytes as [`Conn::fill`] does after a read: at most what the
+    /// next read may take; returns how many it took. [`Conn::fill`] is the
+    /// way in; this is public for the fuzz targets, which have no client.
+    #[doc(hidden)]
+    pub fn receive(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.read_allowance());
         if n > 0 {
             let now = Instant::now();
             if matches!(self.reading, Reading::Head) && self.buf.is_empty() && self.served > 0 {
                 self.started = now;
             }
             self.progress = now;
-            self.buf.extend_from_slice(&scratch[..n]);
+            self.buf.extend_from_slice(&bytes[..n]);
         }
-        Ok(n)
+        n
     }
 
     /// Moves the request along with the bytes buffered so far.

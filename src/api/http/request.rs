@@ -76,11 +76,20 @@ impl Head {
     }
 }
 
-/// True when the first line names an HTTP version other than 1.x (the
-/// HTTP/2 preface `PRI * HTTP/2.0`, `HTTP/3`): that is a 505, not a 400.
-fn other_http_version(buf: &[u8]) -> bool {
-    let line = buf.split(|&b| b == b'\n').next().unwrap_or(buf);
-    line.windows(5).any(|w| w == b"HTTP/") && !line.windows(7).any(|w| w == b"HTTP/1.")
+/// True when httparse refused the version of a request line that names an
+/// HTTP version other than 1.x (the HTTP/2 preface `PRI * HTTP/2.0`,
+/// `HTTP/3`): that is a 505, not a 400. `target` is what httparse parsed
+/// before the version; only `HTTP/` and the major digit after it are
+/// looked at, which httparse has read whenever it refuses a version, so
+/// the answer does not depend on how much of the line has arrived.
+fn other_http_version(buf: &[u8], target: Option<&str>) -> bool {
+    let Some(target) = target else { return false };
+    // One space after the target (httparse's default request-line rule).
+    let start = (target.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize) + target.len() + 1;
+    match buf.get(start..).and_then(|v| v.get(..6)) {
+        Some([b'H', b'T', b'T', b'P', b'/', major]) => major.is_ascii_digit() && *major != b'1',
+        _ => false,
+    }
 }
 
 /// Parses the head at the start of `buf`: `Ok(None)` while incomplete,
@@ -94,7 +103,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
         Ok(Status::Complete(n)) if n > MAX_HEAD_BYTES => return Err(HttpError::HeadTooLarge),
         Ok(Status::Complete(n)) => n,
         Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadTooLarge),
-        Err(httparse::Error::Version) if other_http_version(buf) => return Err(HttpError::Version),
+        Err(httparse::Error::Version) if other_http_version(buf, req.path) => return Err(HttpError::Version),
         Err(e) => return Err(HttpError::Malformed(e.to_string())),
     };
     // A complete parse always fills these three.
@@ -269,6 +278,8 @@ mod tests {
         assert!(parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
         assert!(matches!(parse_head(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Err(HttpError::Version)));
         assert!(matches!(parse_head(b"\x16\x03\x01\x02\x00\x01\x00"), Err(HttpError::Malformed(_))));
+        assert!(matches!(parse_head(b"GET / HTTP/3\r\n\r\n"), Err(HttpError::Version)));
+        assert!(matches!(parse_head(b"GET / HTTP/2"), Err(HttpError::Version)));
         for bad in [
             "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
@@ -279,6 +290,21 @@ mod tests {
         }
         let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD_BYTES));
         assert!(matches!(parse_head(long.as_bytes()), Err(HttpError::HeadTooLarge)));
+    }
+
+    #[test]
+    fn version_refusal_does_not_depend_on_arrival() {
+        // Found by the http_request fuzz target: a bad HTTP/1 version was a
+        // 400 when the whole line had arrived (a later "HTTP/1." on it) and
+        // a 505 when only its start had.
+        let wire = b"POST /v1/sandboxes HTTP/1\x01\x00 x HTTP/1.0\r\n\r\n";
+        for end in 26..=wire.len() {
+            assert!(matches!(parse_head(&wire[..end]), Err(HttpError::Malformed(_))), "prefix of {end} bytes");
+        }
+        let wire = b"GET /HTTP/1.1 HTTP/2.0\r\n\r\n";
+        for end in 20..=wire.len() {
+            assert!(matches!(parse_head(&wire[..end]), Err(HttpError::Version)), "prefix of {end} bytes");
+        }
     }
 
     #[test]

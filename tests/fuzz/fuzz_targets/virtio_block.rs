@@ -1,0 +1,12 @@
+//! A hostile driver against virtio-blk behind the mmio transport: register
+//! accesses, descriptor tables, avail indices, notifies, snapshots restored
+//! as saved or mutated (see `podflare_fuzz::virtio`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use podflare_fuzz::virtio::{Kind, Rig};
+use podflare_fuzz::Reader;
+
+fuzz_target!(|data: &[u8]| {
+    Rig::new(Kind::Block).run(&mut Reader::new(data));
+});
