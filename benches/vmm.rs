@@ -415,6 +415,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    // The same seccomp setting as hostd (PODFLARE_SECCOMP=0 turns filters off).
+    podflare_hostd::seccomp::set_enabled(std::env::var("PODFLARE_SECCOMP").as_deref() != Ok("0"));
     let cfg = VmmConfig::from_env().expect("settings");
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
     println!("| what | measured (median) | target | notes |");
