@@ -189,14 +189,7 @@ fn seccomp_off_installs_nothing() {
 const GUEST: &[u8] = &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'O', 0xee, 0xb0, b'K', 0xee, 0xf4, 0xeb, 0xfd];
 
 fn spec(rootfs: &std::path::Path) -> VmSpec {
-    VmSpec {
-        kernel: "/nonexistent".into(),
-        rootfs: rootfs.to_path_buf(),
-        ram_bytes: 32 << 20,
-        vcpus: 1,
-        backend: Backend::detect(),
-        extra_cmdline: String::new(),
-    }
+    common::tiny_spec(rootfs)
 }
 
 fn wait_ok(vm: &Vm) {

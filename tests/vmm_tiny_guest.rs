@@ -8,7 +8,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use podflare_hostd::vmm::vm::{Vm, VmSpec};
-use podflare_hostd::vmm::Backend;
 
 /// 64-bit code: write "OK" to the serial port, then halt forever.
 const GUEST: &[u8] = &[
@@ -19,14 +18,7 @@ const GUEST: &[u8] = &[
 ];
 
 fn spec(rootfs: &std::path::Path) -> VmSpec {
-    VmSpec {
-        kernel: "/nonexistent".into(),
-        rootfs: rootfs.to_path_buf(),
-        ram_bytes: 32 << 20,
-        vcpus: 1,
-        backend: Backend::detect(),
-        extra_cmdline: String::new(),
-    }
+    common::tiny_spec(rootfs)
 }
 
 /// The leak check counts process-wide fds and threads, so the tests of this

@@ -40,14 +40,7 @@ const RESET: &[u8] = &[
 ];
 
 fn spec(rootfs: &std::path::Path) -> VmSpec {
-    VmSpec {
-        kernel: "/nonexistent".into(),
-        rootfs: rootfs.to_path_buf(),
-        ram_bytes: 32 << 20,
-        vcpus: 1,
-        backend: Backend::detect(),
-        extra_cmdline: String::new(),
-    }
+    common::tiny_spec(rootfs)
 }
 
 /// Polls `done` for up to 30 s (the guest runs on its own thread).

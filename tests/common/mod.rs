@@ -61,3 +61,16 @@ pub fn real_server(tune: impl FnOnce(&mut podflare_hostd::config::Config)) -> po
     let gate = podflare_hostd::api::Gate::new(&AuthMode::LoopbackDev);
     podflare_hostd::api::serve(cfg.bind().expect("bind"), &cfg, gate, controller, log).expect("serve")
 }
+
+/// A hand-made guest's VM: 32 MiB, one vCPU, no kernel (the code is loaded
+/// by `Vm::boot_code`), `rootfs` as its disk.
+pub fn tiny_spec(rootfs: &std::path::Path) -> podflare_hostd::vmm::vm::VmSpec {
+    podflare_hostd::vmm::vm::VmSpec {
+        kernel: "/nonexistent".into(),
+        rootfs: rootfs.to_path_buf(),
+        ram_bytes: 32 << 20,
+        vcpus: 1,
+        backend: podflare_hostd::vmm::Backend::detect(),
+        extra_cmdline: String::new(),
+    }
+}
