@@ -7,7 +7,8 @@
 //! thread), `channel` (host side of the agent protocol), `snapshot` (the
 //! framed snapshot file), `persist` (save a VM, the one restore path),
 //! `template` (template snapshots), `factory` (the `GuestFactory`: restore on
-//! create, warm pool, admission).
+//! create, warm pool), `admission` (admission and memory pressure), `cache`
+//! (the cache directory's safety and leftovers).
 
 pub mod admission;
 pub mod boot;
