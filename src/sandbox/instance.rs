@@ -40,8 +40,8 @@ pub struct Sandbox {
     created: Instant,
     lifetime: Duration,
     idle: Duration,
-    /// `None` once destroyed. Execs take the read lock only to start a
-    /// command, so destroy never waits for a running exec.
+    /// `None` once destroyed. Execs hold the read lock only to clone the
+    /// guest out, so destroy never waits for an exec, running or starting.
     guest: RwLock<Option<Arc<dyn Guest>>>,
     queue: Arc<FifoQueue>,
     activity: Mutex<Activity>,
