@@ -36,9 +36,16 @@ impl Level {
 #[derive(Debug, Clone)]
 enum Sink {
     Stderr,
-    /// Kept in memory, for tests that assert on log lines.
+    /// Kept in memory, for tests that assert on log lines: the newest
+    /// [`MEMORY_LINES`] at most, so a long-running test server does not grow.
     Memory(Arc<Mutex<Vec<String>>>),
+    /// Formatted, then dropped: for runs that measure the process's own
+    /// memory and must not count the log.
+    Discard,
 }
+
+/// Lines a memory logger keeps; past it the older half is dropped.
+pub const MEMORY_LINES: usize = 1024;
 
 /// Writes log lines in the configured format.
 #[derive(Debug, Clone)]
@@ -83,6 +90,11 @@ impl Logger {
         (Logger { format, sink: Sink::Memory(Arc::clone(&buf)) }, buf)
     }
 
+    /// A logger that formats every line and keeps none.
+    pub fn discard(format: LogFormat) -> Self {
+        Logger { format, sink: Sink::Discard }
+    }
+
     /// Formats one line (without the trailing newline).
     pub fn format_line(&self, level: Level, msg: &str, fields: &[(&str, Value)]) -> String {
         let ts = rfc3339_now();
@@ -121,7 +133,14 @@ impl Logger {
     pub fn log(&self, level: Level, msg: &str, fields: &[(&str, Value)]) {
         let mut line = self.format_line(level, msg, fields);
         match &self.sink {
-            Sink::Memory(buf) => buf.lock().unwrap_or_else(PoisonError::into_inner).push(line),
+            Sink::Memory(buf) => {
+                let mut lines = buf.lock().unwrap_or_else(PoisonError::into_inner);
+                if lines.len() >= MEMORY_LINES {
+                    lines.drain(..MEMORY_LINES / 2);
+                }
+                lines.push(line);
+            }
+            Sink::Discard => drop(line),
             Sink::Stderr => {
                 line.push('\n');
                 // One write per line so lines from worker threads do not interleave.
@@ -164,5 +183,17 @@ mod tests {
         let ts = rfc3339_now();
         assert_eq!(ts.len(), 24, "{ts}");
         assert!(ts.starts_with("20"));
+    }
+
+    #[test]
+    fn memory_sink_keeps_only_the_newest_lines() {
+        let (log, lines) = Logger::memory(LogFormat::Text);
+        for i in 0..MEMORY_LINES * 3 {
+            log.info("line", &[("n", json!(i))]);
+        }
+        let lines = lines.lock().unwrap();
+        assert!(lines.len() <= MEMORY_LINES, "{} lines kept", lines.len());
+        let last = format!("n={}", MEMORY_LINES * 3 - 1);
+        assert!(lines.last().unwrap().ends_with(&last), "{:?}", lines.last());
     }
 }

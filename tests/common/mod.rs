@@ -47,6 +47,14 @@ pub fn rss_kib() -> u64 {
 /// The real HTTP server over real VMs of the `default` template, in this
 /// process, on an ephemeral loopback port, auth off.
 pub fn real_server(tune: impl FnOnce(&mut podflare_hostd::config::Config)) -> podflare_hostd::api::ServerHandle {
+    real_server_logging(tune, |format| podflare_hostd::obs::Logger::memory(format).0)
+}
+
+/// [`real_server`] with the logger `logger` makes for the configured format.
+pub fn real_server_logging(
+    tune: impl FnOnce(&mut podflare_hostd::config::Config),
+    logger: impl FnOnce(podflare_hostd::config::LogFormat) -> podflare_hostd::obs::Logger,
+) -> podflare_hostd::api::ServerHandle {
     use podflare_hostd::config::{AuthMode, Config, LogFormat};
     use std::sync::Arc;
     let mut vcfg = podflare_hostd::vmm::VmmConfig::from_env().expect("PODFLARE_* settings");
@@ -56,7 +64,7 @@ pub fn real_server(tune: impl FnOnce(&mut podflare_hostd::config::Config)) -> po
         .expect("template snapshot of `default` (run scripts/setup first)");
     let mut cfg = Config { addr: "127.0.0.1:0".into(), log_format: LogFormat::Json, ..Config::default() };
     tune(&mut cfg);
-    let (log, _lines) = podflare_hostd::obs::Logger::memory(cfg.log_format);
+    let log = logger(cfg.log_format);
     let controller = Arc::new(podflare_hostd::sandbox::Controller::new(Arc::new(factory), &cfg, log.clone()));
     let gate = podflare_hostd::api::Gate::new(&AuthMode::LoopbackDev);
     podflare_hostd::api::serve(cfg.bind().expect("bind"), &cfg, gate, controller, log).expect("serve")
