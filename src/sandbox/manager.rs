@@ -24,6 +24,9 @@ const REAP_INTERVAL: Duration = Duration::from_millis(250);
 /// looks again): freeing a guest's memory takes effect at once, so a few
 /// are enough unless many guests grow at once.
 const MAX_RELIEF_PER_TICK: usize = 8;
+/// hostd's free heap goes back to the kernel at most this often, and only
+/// after sandboxes were destroyed.
+const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// 128 bits from the kernel CSPRNG as 32 hex digits.
 fn random_hex32() -> Result<String, SandboxError> {
@@ -41,6 +44,8 @@ pub struct Manager {
     log: Logger,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     streams: Arc<AtomicUsize>,
+    /// Sandboxes destroyed since hostd's free heap last went back.
+    destroyed_since_trim: AtomicUsize,
 }
 
 impl Manager {
@@ -53,6 +58,7 @@ impl Manager {
             log: log.clone(),
             sandboxes: Mutex::new(HashMap::new()),
             streams: Arc::new(AtomicUsize::new(0)),
+            destroyed_since_trim: AtomicUsize::new(0),
         });
         let weak = Arc::downgrade(&m);
         let reaper_log = log.clone();
@@ -118,6 +124,7 @@ impl Manager {
     /// Removes `id` and destroys its VM (a running exec ends with a failure).
     pub fn destroy(&self, id: &str) -> Result<(), SandboxError> {
         let sb = lock(&self.sandboxes).remove(id).ok_or_else(|| SandboxError::UnknownSandbox(id.to_string()))?;
+        self.destroyed_since_trim.fetch_add(1, Ordering::Relaxed);
         // Outside the registry lock: tearing down a VM takes time.
         sb.destroy_guest("the sandbox was deleted");
         self.log.info("sandbox destroyed", &[("sandbox", json!(id)), ("reason", json!("delete"))]);
@@ -183,6 +190,7 @@ impl Manager {
             let held = sb.private_memory_bytes();
             sb.destroy_guest("the host ran short of memory and this sandbox held the most");
             destroyed += 1;
+            self.destroyed_since_trim.fetch_add(1, Ordering::Relaxed);
             self.log.warn(
                 "sandbox destroyed: host memory is low",
                 &[
@@ -215,6 +223,7 @@ impl Manager {
                 map.values().filter_map(|s| s.expiry(now).map(|e| (s.id().to_string(), e))).collect();
             ids.into_iter().filter_map(|(id, e)| map.remove(&id).map(|s| (s, e))).collect()
         };
+        self.destroyed_since_trim.fetch_add(expired.len(), Ordering::Relaxed);
         for (sb, why) in &expired {
             let reason = match why {
                 Expiry::Lifetime => "timeout_seconds",
@@ -240,10 +249,15 @@ fn reaper(manager: Weak<Manager>, log: &Logger) {
         log.error("reaper thread stopped; sandboxes will not expire", &[("cause", json!(e.to_string()))]);
         return;
     }
+    let mut last_trim = Instant::now();
     loop {
         std::thread::sleep(REAP_INTERVAL);
         let Some(m) = manager.upgrade() else { return };
         m.reap(Instant::now());
         m.relieve_memory();
+        if last_trim.elapsed() >= HEAP_TRIM_INTERVAL && m.destroyed_since_trim.swap(0, Ordering::Relaxed) > 0 {
+            crate::vmm::memory::release_free_heap();
+            last_trim = Instant::now();
+        }
     }
 }
