@@ -157,7 +157,7 @@ fn bare_vm(kvm: &Kvm, code: &[u8]) -> (BareVm, VcpuFd) {
     fd.set_tss_address(0xfffb_d000).expect("KVM_SET_TSS_ADDR");
     memory::register_slots(&fd, &mem).expect("memory slot");
     fd.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
-    boot::write_boot_structures(&mem, "").expect("page tables, GDT");
+    boot::write_boot_structures(&mem, "", 1).expect("page tables, GDT");
     mem.write_slice(code, GuestAddress(0x1000)).expect("guest code");
     let vcpu = fd.create_vcpu(0).expect("KVM_CREATE_VCPU");
     vcpu.set_cpuid2(&boot::cpuid_for(kvm, Backend::detect(), 0, 1).expect("CPUID")).expect("KVM_SET_CPUID2");

@@ -74,6 +74,9 @@ pub enum BootError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The MP table could not be written.
+    #[error(transparent)]
+    MpTable(#[from] super::mptable::MpTableError),
     /// KVM accepted fewer MSRs than we set.
     #[error("KVM_SET_MSRS set {set} of {wanted} MSRs")]
     Msrs {
@@ -102,9 +105,14 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<GuestAddress, BootE
     Ok(loaded.kernel_load)
 }
 
-/// Writes the command line, the zero page (with its e820 map), the GDT, an
-/// empty IDT and identity-mapping page tables.
-pub fn write_boot_structures(mem: &GuestMemory, cmdline: &str) -> Result<(), BootError> {
+/// What the guest is told about its machine, beyond the command line: a
+/// template snapshot taken under another description is not reused.
+/// Revision 2: an MP table (local APICs, IO-APIC) and the TSC-deadline timer.
+pub const MACHINE_REVISION: u32 = 2;
+
+/// Writes the command line, the zero page (with its e820 map), the MP table
+/// for `vcpus` vCPUs, the GDT, an empty IDT and identity-mapping page tables.
+pub fn write_boot_structures(mem: &GuestMemory, cmdline: &str, vcpus: u8) -> Result<(), BootError> {
     let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
     cl.insert_str(cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
     load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl).map_err(mem_err)?;
@@ -125,6 +133,8 @@ pub fn write_boot_structures(mem: &GuestMemory, cmdline: &str) -> Result<(), Boo
     params.e820_entries = e820.len() as u8;
     LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE)), mem)
         .map_err(mem_err)?;
+    // In the last KiB below 640 KiB, which the e820 map leaves out of RAM.
+    super::mptable::write(mem, vcpus)?;
 
     // Null, 64-bit code, data, TSS descriptors.
     let gdt: [u64; 4] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x008f_8b00_0000_ffff];
@@ -279,6 +289,11 @@ pub fn cpuid_for(kvm: &Kvm, backend: Backend, index: u8, count: u8) -> Result<Cp
             (1, _) => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
                 e.ecx |= 1 << 31; // running under a hypervisor: use kvm-clock
+                if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+                    // The local APIC timer armed by one MSR write with an
+                    // absolute TSC value: no calibration, no periodic tick.
+                    e.ecx |= 1 << 24;
+                }
                 if count > 1 {
                     e.edx |= 1 << 28;
                 }
@@ -334,12 +349,21 @@ fn filter_for_pvm(e: &mut kvm_bindings::kvm_cpuid_entry2) {
 /// shared with `scripts/qemu-boot`, so the reference VMM boots the same way.
 pub const PVM_CMDLINE: &str = include_str!("../../kernel-config/pvm-cmdline");
 
+/// Kernel settings (applied before init runs) that stop an idle guest's
+/// periodic wake-ups, each measured as timer interrupts of an idle guest:
+/// kcompactd's proactive compaction check wakes twice a second, and the
+/// vmstat shepherd once a second folds per-CPU counters (every 10 s is
+/// plenty for a sandbox's /proc/vmstat).
+pub const IDLE_SYSCTLS: &str = "sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10";
+
 /// Builds the full kernel command line.
 pub fn cmdline(backend: Backend, virtio_devices: &[(u64, u32)], extra: &str) -> String {
     let mut s = String::from(
         "console=ttyS0 loglevel=4 reboot=k panic=-1 acpi=off pci=off nomodule i8042.noaux \
          root=/dev/vda ro rootfstype=ext4 init=/sbin/podflare-agent",
     );
+    s.push(' ');
+    s.push_str(IDLE_SYSCTLS);
     for (addr, irq) in virtio_devices {
         s.push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{irq}"));
     }
@@ -384,7 +408,7 @@ mod tests {
     #[test]
     fn boot_structures_fit_and_page_tables_identity_map() {
         let mem = super::super::memory::anonymous(64 << 20).unwrap();
-        write_boot_structures(&mem, "console=ttyS0").unwrap();
+        write_boot_structures(&mem, "console=ttyS0", 1).unwrap();
         let pde: u64 = mem.read_obj(GuestAddress(PD + 8)).unwrap();
         assert_eq!(pde, (1 << 21) | 0x83);
         let mut cl = [0u8; 13];

@@ -1,7 +1,8 @@
 //! The virtual machine monitor: KVM VMs, vCPUs, boot, snapshot and restore.
 //!
 //! Code map: `memory` (guest RAM and the KVM slot: the only memory `unsafe`),
-//! `boot` (Linux 64-bit boot protocol, CPUID, MSRs), `vcpu` (vCPU threads),
+//! `boot` (Linux 64-bit boot protocol, CPUID, MSRs), `mptable` (the MP
+//! table: local APICs, IO-APIC, interrupt wiring), `vcpu` (vCPU threads),
 //! `state` (KVM state save/restore), `vm` (one VM's lifecycle),
 //! `device_manager` (the device table, typed device state, the device
 //! thread), `channel` (host side of the agent protocol), `snapshot` (the
@@ -17,6 +18,7 @@ pub mod channel;
 pub mod config;
 pub mod device_manager;
 pub mod memory;
+pub mod mptable;
 pub mod snapshot;
 pub mod state;
 pub mod factory;

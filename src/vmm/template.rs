@@ -60,6 +60,7 @@ fn snapshot_key(cfg: &VmmConfig, backend: Backend, name: &str, kernel_id: &str, 
     let mut h = Sha256::new();
     for part in [
         &snapshot::FORMAT_VERSION.to_string(),
+        &super::boot::MACHINE_REVISION.to_string(),
         backend.name(),
         name,
         kernel_id,

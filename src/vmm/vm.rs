@@ -112,7 +112,7 @@ impl Vm {
         let kernel = spec.kernel.clone();
         Vm::boot_with(kvm, name, spec, move |mem| {
             let entry = boot::load_kernel(mem, &kernel)?;
-            boot::write_boot_structures(mem, &cmdline)?;
+            boot::write_boot_structures(mem, &cmdline, spec.vcpus)?;
             Ok(entry)
         })
     }
@@ -122,7 +122,7 @@ impl Vm {
     pub fn boot_code(kvm: &Kvm, name: &str, spec: &VmSpec, code: &[u8]) -> Result<Vm, VmmError> {
         let code = code.to_vec();
         Vm::boot_with(kvm, name, spec, move |mem| {
-            boot::write_boot_structures(mem, "")?;
+            boot::write_boot_structures(mem, "", spec.vcpus)?;
             use vm_memory::Bytes;
             mem.write_slice(&code, vm_memory::GuestAddress(0x1000))
                 .map_err(|e| boot::BootError::Memory(e.to_string()))?;
