@@ -7,7 +7,8 @@
 //! skipped without it), `PODFLARE_BENCH_COLD_BOOTS` (3), `PODFLARE_BENCH_IDLE_MAX`
 //! (600: cap on the idle-density run), `PODFLARE_BENCH_QEMU` (path of
 //! scripts/qemu-boot; the QEMU row is skipped without it), `PODFLARE_BENCH_ONLY`
-//! (comma list of setup,restore,throughput,http,pool,density,cold).
+//! (comma list of setup,restore,throughput,http,pool,idle,density,cold);
+//! `PODFLARE_BENCH_IDLE_NEIGHBOURS` (200: idle sandboxes in the idle rows).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -301,6 +302,76 @@ fn bench_density(f: &VmFactory) {
     );
 }
 
+/// Median `print(1)` through the channel on `g`, over `n` warm runs.
+fn warm_exec_ms(g: &dyn Guest, n: usize) -> f64 {
+    let mut v = Vec::new();
+    for i in 0..n + 3 {
+        let t = Instant::now();
+        let (code, _) = wait_exit(g.exec(Language::Python, "print(1)").expect("exec")).expect("exec result");
+        assert_eq!(code, 0);
+        if i >= 3 {
+            v.push(ms(t.elapsed()));
+        }
+    }
+    stats(v).0
+}
+
+/// The host's MemAvailable, MiB: what guests and KVM's own structures
+/// (shadow page tables on PVM) take from the host together.
+fn host_available_mib() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Idle cost: sandboxes that ran one exec each and then nothing. Host CPU
+/// per idle sandbox, a busy sandbox's `print(1)` with and without 200 idle
+/// neighbours, and host memory per idle sandbox including KVM's own.
+fn bench_idle(f: &VmFactory) {
+    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new() };
+    let busy = f.create_running(&spec).expect("create");
+    let alone = warm_exec_ms(&busy, 20);
+    let avail0 = host_available_mib();
+    let mut idle = Vec::new();
+    let n = env_usize("PODFLARE_BENCH_IDLE_NEIGHBOURS", 200);
+    for _ in 0..n {
+        let g = f.create_running(&spec).expect("create");
+        let (code, _) = wait_exit(g.exec(Language::Python, "print(1)").expect("exec")).expect("exec result");
+        assert_eq!(code, 0);
+        idle.push(g);
+    }
+    // Each guest's last burst of kernel work after an exec ends within ~5 s.
+    std::thread::sleep(Duration::from_secs(10));
+    let per_sandbox_mib = (avail0 - host_available_mib()) / n as f64;
+    let c0 = cpu_seconds();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(20));
+    let cpu_ms_per_s = (cpu_seconds() - c0) / t0.elapsed().as_secs_f64() * 1000.0;
+    let crowded = warm_exec_ms(&busy, 20);
+    row(
+        "host CPU per idle sandbox",
+        format!("{:.3} ms/s", cpu_ms_per_s / n as f64),
+        "<= 1 ms/s",
+        &format!("hostd-side CPU of {n} idle sandboxes (one exec each, then 20 s idle): {cpu_ms_per_s:.1} ms/s in all"),
+    );
+    row(
+        &format!("`print(1)` on one sandbox while {n} others idle"),
+        format!("{crowded:.2} ms"),
+        "within 20% of alone",
+        &format!("alone: {alone:.2} ms; ratio {:.2}", crowded / alone),
+    );
+    row(
+        "host memory per idle sandbox, KVM's own included",
+        format!("{per_sandbox_mib:.1} MiB"),
+        "-",
+        &format!("drop of the host's MemAvailable over {n} sandboxes"),
+    );
+}
+
 /// One `print(1)` through HTTP on a kept-alive connection.
 struct HttpClient {
     stream: BufReader<TcpStream>,
@@ -444,6 +515,9 @@ fn main() {
     }
     if want("pool") {
         bench_pool(&cfg);
+    }
+    if want("idle") {
+        bench_idle(&f);
     }
     if want("density") {
         bench_density(&f);

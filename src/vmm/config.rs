@@ -81,8 +81,10 @@ impl VmmConfig {
             templates,
             guest_ram_mib: env_or("PODFLARE_GUEST_RAM_MIB", 512)?,
             guest_vcpus: match env_or("PODFLARE_GUEST_VCPUS", 1u8)? {
-                // Secondary vCPUs need an MP table, which the boot code does
-                // not write yet (and on PVM an SMP guest hangs bringing them up).
+                // The MP table describes secondary vCPUs now, but a 2-vCPU
+                // guest does not finish booting on PVM (both vCPUs run; the
+                // agent never answers within 900 s), and SMP is untested on
+                // hardware KVM.
                 1 => 1,
                 n => return Err(format!("PODFLARE_GUEST_VCPUS={n}: only 1 vCPU per guest is supported so far")),
             },
