@@ -80,6 +80,20 @@ def refresh_clock_and_entropy(wall_ns, entropy):
     except OSError:
         pass
 
+def reseed_numpy(entropy):
+    """Reseeds numpy's global generator when numpy is loaded (a template
+    imports it warm, so its state is in the snapshot every copy shares).
+    A later `import numpy` seeds itself from the fresh kernel pool."""
+    np = sys.modules.get("numpy")
+    if np is None:
+        return
+    try:
+        words = [int.from_bytes(entropy[i:i + 4], "little") for i in range(0, len(entropy) - 3, 4)]
+        np.random.seed(words or None)
+    except Exception:
+        pass
+
+
 VERSION = "0.1.0"
 MAGIC = 0xF1
 PROTOCOL = 1
@@ -453,6 +467,7 @@ class Repl:
             if entropy:
                 # Every restored or forked copy gets its own random state.
                 random.seed(entropy)
+                reseed_numpy(entropy)
             self.port.send(self.ready_frame())
         elif kind == PING:
             self.port.send(frame(PONG, stream, payload))
