@@ -189,7 +189,9 @@ pub fn encode_json<T: Serialize>(out: &mut Vec<u8>, kind: Kind, stream: u32, val
 }
 
 /// Incremental decoder: feed it bytes as they arrive, take frames out.
-#[derive(Debug, Default)]
+/// Cloned when a sandbox forks: the child continues its parent's
+/// half-received frames.
+#[derive(Debug, Default, Clone)]
 pub struct Decoder {
     buf: Vec<u8>,
     start: usize,
