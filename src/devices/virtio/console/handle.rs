@@ -18,6 +18,10 @@ pub(super) struct PortShared {
     pub(super) guest_open: bool,
     /// The host asked to take the port's tx queue again after a pause.
     pub(super) resume_tx: bool,
+    /// Bytes at the tail of `pending` from a send still under way (the
+    /// rest of its message is not queued yet). A snapshot leaves them out:
+    /// a copy restored from it would never get the rest.
+    pub(super) partial: usize,
 }
 
 pub(super) struct SharedState {
@@ -64,11 +68,14 @@ impl ConsoleHandle {
         // A slow guest is fine (an emulated kernel drains a few hundred KiB
         // a second); one that takes nothing for `stall` is not reading.
         let mut last_drain = (st.ports[p].pending.len(), Instant::now());
+        let mut queued = 0usize;
         loop {
             if st.closed {
+                st.ports[p].partial = 0;
                 return Err(DeviceError::Closed);
             }
             if rest.is_empty() {
+                st.ports[p].partial = 0;
                 return Ok(());
             }
             let pending = st.ports[p].pending.len();
@@ -78,6 +85,7 @@ impl ConsoleHandle {
             let room = self.shared.limit.saturating_sub(pending);
             if room == 0 {
                 if last_drain.1.elapsed() >= self.shared.stall {
+                    st.ports[p].partial = 0;
                     return Err(DeviceError::Stalled { port, secs: self.shared.stall.as_secs() });
                 }
                 st = match self.shared.drained.wait_timeout(st, SEND_WAIT) {
@@ -89,6 +97,8 @@ impl ConsoleHandle {
             let n = room.min(rest.len());
             st.ports[p].pending.extend(&rest[..n]);
             rest = &rest[n..];
+            queued += n;
+            st.ports[p].partial = if rest.is_empty() { 0 } else { queued };
             last_drain.0 = st.ports[p].pending.len();
             // Counter overflow is the only failure, and means already kicked.
             let _ = self.shared.kick.write(1);

@@ -47,7 +47,10 @@ impl Console {
                 .map(|(p, &ready)| PortState {
                     ready,
                     guest_open: p.guest_open,
-                    pending: b64().encode(p.pending.iter().copied().collect::<Vec<u8>>()),
+                    // Whole messages only: see `PortShared::partial`.
+                    pending: b64().encode(
+                        p.pending.iter().take(p.pending.len() - p.partial.min(p.pending.len())).copied().collect::<Vec<u8>>(),
+                    ),
                 })
                 .collect(),
             ctrl_pending: self.ctrl_pending.iter().map(|m| b64().encode(m)).collect(),
@@ -91,6 +94,7 @@ impl Console {
             for ((ps, saved), bytes) in sh.ports.iter_mut().zip(&st.ports).zip(pending) {
                 ps.guest_open = saved.guest_open;
                 ps.pending = bytes.into();
+                ps.partial = 0;
             }
         }
         self.shared.drained.notify_all();

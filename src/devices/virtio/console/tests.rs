@@ -405,6 +405,24 @@ fn close_wakes_blocked_senders() {
 }
 
 #[test]
+fn a_snapshot_leaves_out_a_send_still_under_way() {
+    // A 30-byte message through a 10-byte queue: while its sender waits, a
+    // snapshot holds only the whole message queued before it.
+    let (c, h, _) = console(16);
+    h.send(1, b"whole").unwrap();
+    let h2 = h.clone();
+    let sender = std::thread::spawn(move || h2.send(1, &[b'x'; 30]));
+    while h.pending(1) < 16 {
+        std::thread::yield_now();
+    }
+    let saved = serde_json::to_value(c.save()).unwrap();
+    let pending = saved["Console"]["ports"][1]["pending"].as_str().unwrap().to_string();
+    assert_eq!(pending, base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"whole"));
+    h.close();
+    assert!(sender.join().unwrap().is_err());
+}
+
+#[test]
 fn save_restore_continues() {
     let m = mem();
     let (mut c, h, _, mut d, _) = active(&m, 1 << 20);
