@@ -156,6 +156,9 @@ pub struct Notifier {
 pub struct DeviceManager {
     live: Vec<(DeviceSlot, Live)>,
     console_handle: ConsoleHandle,
+    /// Held by the device thread while it handles a batch of events, and by
+    /// whoever needs devices and guest memory still (a fork's capture).
+    work: Arc<Mutex<()>>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -232,7 +235,7 @@ impl DeviceManager {
         }
         let console_handle =
             console_handle.ok_or_else(|| VmmError::Config("the device table has no console".into()))?;
-        Ok((DeviceManager { live, console_handle }, notifiers))
+        Ok((DeviceManager { live, console_handle, work: Arc::new(Mutex::new(())) }, notifiers))
     }
 
     /// Every device's state. Take it with the vCPUs paused.
@@ -269,6 +272,19 @@ impl DeviceManager {
         &self.console_handle
     }
 
+    /// The lock the device thread holds while it works, for
+    /// [`DeviceManager::spawn_thread`].
+    pub fn work_lock(&self) -> Arc<Mutex<()>> {
+        self.work.clone()
+    }
+
+    /// Stops device work until the guard drops: the device thread finishes
+    /// the batch it is in and then waits, so no device touches guest memory
+    /// or changes state. Host senders only queue bytes meanwhile.
+    pub fn hold(&self) -> MutexGuard<'_, ()> {
+        lock(&self.work)
+    }
+
     /// Starts the VM's device thread: it waits on the queue notifiers and
     /// host kicks and runs the device code for each, until `stop` is
     /// written. Guest-facing code runs here, so a panic is caught and fails
@@ -279,6 +295,7 @@ impl DeviceManager {
         stop: &EventFd,
         notifiers: Vec<Notifier>,
         status: Arc<VmStatus>,
+        work: Arc<Mutex<()>>,
     ) -> Result<JoinHandle<()>, VmmError> {
         use std::os::unix::io::AsRawFd;
         const STOP_TOKEN: u64 = u64::MAX;
@@ -315,6 +332,7 @@ impl DeviceManager {
                                 return;
                             }
                         };
+                        let _working = lock(&work);
                         for ev in &events[..n] {
                             if ev.data() == STOP_TOKEN {
                                 let _ = stop.read();

@@ -49,6 +49,16 @@ struct Inner {
     failed: Option<String>,
 }
 
+/// Where a fork child's channel starts: its parent's half-received frames
+/// (the child's guest sends the rest of them) and stream numbering (output
+/// of an exec the parent was running may still arrive under the old number,
+/// and must not land in a new exec's stream).
+#[derive(Clone, Debug)]
+pub struct ChannelSeed {
+    decoders: [Decoder; PORTS],
+    next_stream: u32,
+}
+
 struct Shared {
     inner: Mutex<Inner>,
     changed: Condvar,
@@ -74,13 +84,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Channel {
     /// A channel with no console attached yet.
     pub fn new() -> Self {
+        Self::with_inner(Inner { next_stream: 1, ..Default::default() })
+    }
+
+    /// A fork child's channel, continuing where its parent's stood when
+    /// [`Channel::seed`] was taken.
+    pub fn start_from(seed: &ChannelSeed) -> Self {
+        Self::with_inner(Inner { decoders: seed.decoders.clone(), next_stream: seed.next_stream, ..Default::default() })
+    }
+
+    fn with_inner(inner: Inner) -> Self {
         Channel {
-            shared: Arc::new(Shared {
-                inner: Mutex::new(Inner { next_stream: 1, ..Default::default() }),
-                changed: Condvar::new(),
-                console: Mutex::new(None),
-            }),
+            shared: Arc::new(Shared { inner: Mutex::new(inner), changed: Condvar::new(), console: Mutex::new(None) }),
         }
+    }
+
+    /// What a fork child's channel starts from. Take it with the device
+    /// thread held, so no guest bytes arrive meanwhile.
+    pub fn seed(&self) -> ChannelSeed {
+        let inner = lock(&self.shared.inner);
+        ChannelSeed { decoders: inner.decoders.clone(), next_stream: inner.next_stream }
     }
 
     /// The callback the console device calls with guest bytes.
