@@ -79,6 +79,9 @@ pub enum GuestError {
     /// Our own fault (I/O, KVM).
     #[error("internal error: {0}")]
     Internal(String),
+    /// This kind of guest cannot do that.
+    #[error("{0} is not supported by this guest")]
+    Unsupported(&'static str),
 }
 
 /// What a create asks for, after the API layer has validated and clamped it.
@@ -124,6 +127,19 @@ pub trait Guest: Send + Sync {
     /// last holder drops the guest.
     fn shutdown(&self, why: &str) {
         let _ = why;
+    }
+    /// Copies this running guest into one child per spec: each starts from
+    /// this guest's memory, processes and files, gets its own clock and
+    /// entropy, and shares nothing written afterwards. All or nothing: on
+    /// an error no child is left.
+    fn fork(&self, specs: &[GuestSpec]) -> Result<Vec<Box<dyn Guest>>, GuestError> {
+        let _ = specs;
+        Err(GuestError::Unsupported("fork"))
+    }
+    /// The guest now serves another sandbox id (merge hands a child's guest
+    /// to its parent's id): its log lines name that one.
+    fn relabel(&self, sandbox_id: &str) {
+        let _ = sandbox_id;
     }
 }
 

@@ -124,6 +124,16 @@ fn device_work(r: &mut Rules) {
     any(r, &[libc::SYS_read, libc::SYS_write, libc::SYS_pread64]);
 }
 
+/// A fork's capture (vmm/memory.rs): a new sealed memfd sized to guest RAM,
+/// filled with the parent's own pages; then mapped over guest RAM, which the
+/// runtime group's mmap rule already allows (never executable).
+fn fork_image(r: &mut Rules) -> Built {
+    let flags = (libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) as u64;
+    when(r, libc::SYS_memfd_create, 1, Op::Eq, flags)?;
+    any(r, &[libc::SYS_ftruncate, libc::SYS_pwrite64]);
+    when(r, libc::SYS_fcntl, 1, Op::Eq, libc::F_ADD_SEALS as u64)
+}
+
 /// The allow-list of `kind` (a syscall not in it fails with EPERM).
 pub fn allowed(kind: ThreadKind) -> Result<Rules, BackendError> {
     let mut r = Rules::new();
@@ -140,6 +150,8 @@ pub fn allowed(kind: ThreadKind) -> Result<Rules, BackendError> {
             // The controller creates sandboxes: VM restores on this thread.
             thread_start(&mut r)?;
             vm_build(&mut r)?;
+            // And forks them.
+            fork_image(&mut r)?;
         }
         ThreadKind::PoolFiller => {
             thread_start(&mut r)?;

@@ -26,6 +26,47 @@ struct Counters {
     pool_misses: AtomicU64,
     created: AtomicU64,
     restore_ns_total: AtomicU64,
+    forks: AtomicU64,
+    fork_children: AtomicU64,
+}
+
+/// Where one fork's time and bytes went (server side).
+#[derive(Debug, Clone, Copy)]
+pub struct ForkFigures {
+    /// The parent's vCPUs were stopped this long.
+    pub parent_paused: Duration,
+    /// Until the capture was done (admission, pause, save, copy, remap).
+    pub capture: Duration,
+    /// Until every child ran and had its Hello queued.
+    pub total: Duration,
+    /// Non-zero bytes copied into the image.
+    pub image_bytes: u64,
+    /// Mappings the image adds to each VM.
+    pub image_runs: usize,
+}
+
+/// `vm.max_map_count` hostd asks for: every fork image adds a few mappings
+/// to each VM that maps it, and 1,000 forked sandboxes must fit.
+const WANT_MAX_MAP_COUNT: u64 = 524_288;
+
+/// Raises `vm.max_map_count` to [`WANT_MAX_MAP_COUNT`] if it is lower, and
+/// says so (or that it could not) in the log.
+fn raise_map_count(log: &crate::obs::Logger) {
+    let path = "/proc/sys/vm/max_map_count";
+    let now = std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    if now >= WANT_MAX_MAP_COUNT {
+        return;
+    }
+    match std::fs::write(path, WANT_MAX_MAP_COUNT.to_string()) {
+        Ok(()) => log.info(
+            "raised vm.max_map_count for fork images",
+            &[("from", json!(now)), ("to", json!(WANT_MAX_MAP_COUNT))],
+        ),
+        Err(e) => log.warn(
+            "vm.max_map_count is low for many forked sandboxes; run: sysctl -w vm.max_map_count=524288",
+            &[("now", json!(now)), ("cause", json!(e.to_string()))],
+        ),
+    }
 }
 
 struct Pool {
@@ -58,6 +99,7 @@ impl VmFactory {
             cfg.log.info("removed a snapshot a killed run left half written", &[("dir", json!(path.display().to_string()))]);
         }
         let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
+        raise_map_count(&cfg.log);
         let backend = Backend::detect();
         let what = match backend {
             Backend::Pvm => "kvm_pvm loaded: guest kernel is emulated, PVM guest settings applied",
@@ -208,6 +250,7 @@ fn pool_filler(inner: std::sync::Weak<Inner>) {
 pub struct RunningGuest {
     vm: Vm,
     inner: Arc<Inner>,
+    template: String,
 }
 
 impl Guest for RunningGuest {
@@ -225,12 +268,91 @@ impl Guest for RunningGuest {
     fn shutdown(&self, why: &str) {
         self.vm.channel().fail(why);
     }
+
+    fn fork(&self, specs: &[GuestSpec]) -> Result<Vec<Box<dyn Guest>>, GuestError> {
+        let (children, _) = self.fork_running(specs)?;
+        Ok(children.into_iter().map(|c| Box::new(c) as Box<dyn Guest>).collect())
+    }
+
+    fn relabel(&self, sandbox_id: &str) {
+        self.vm.status().label(self.inner.cfg.log.clone(), Some(sandbox_id.to_string()));
+    }
 }
 
 impl RunningGuest {
     /// The VM (benchmarks and tests look at its channel and console).
     pub fn vm(&self) -> &Vm {
         &self.vm
+    }
+
+    /// Forks this guest into one child per spec and says where the time
+    /// went. Every child's place is reserved first, so a fork over capacity
+    /// is refused whole before the parent is touched.
+    pub fn fork_running(&self, specs: &[GuestSpec]) -> Result<(Vec<RunningGuest>, ForkFigures), GuestError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        if let Some(why) = self.vm.status().stopped() {
+            return Err(GuestError::Failed(why));
+        }
+        let t = inner
+            .templates
+            .get(&self.template)
+            .ok_or_else(|| GuestError::Internal(format!("template {:?} of a live guest is gone", self.template)))?;
+        let mut tickets = Vec::with_capacity(specs.len());
+        for _ in specs {
+            tickets.push(inner.admission.reserve()?);
+        }
+        let failed = |what: &str, e: VmmError| {
+            inner.cfg.log.error(
+                "fork failed",
+                &[("sandbox", json!(self.vm.status().sandbox())), ("step", json!(what)), ("cause", json!(e.to_string()))],
+            );
+            GuestError::Internal(format!("fork: {what}: {e}"))
+        };
+        let source = self.vm.capture_for_fork().map_err(|e| failed("capture", e))?;
+        let capture = started.elapsed();
+        let mut children = Vec::with_capacity(specs.len());
+        for (spec, ticket) in specs.iter().zip(tickets) {
+            let n = inner.next_vm.fetch_add(1, Ordering::Relaxed);
+            let files = t.rootfs_file.try_clone().and_then(|r| Ok((r, t.memory_file.try_clone()?)));
+            let (rootfs, memory) = files.map_err(|e| failed("open template files", VmmError::Io(e)))?;
+            let vm = persist::restore_fork_child(&inner.kvm, &format!("vm{n}"), rootfs, memory, &source)
+                .map_err(|e| failed("restore child", e))?;
+            ticket.admit();
+            // The child owns its place now: its drop releases it.
+            let child = RunningGuest { vm, inner: inner.clone(), template: self.template.clone() };
+            child.vm.status().label(inner.cfg.log.clone(), Some(spec.sandbox_id.clone()));
+            // Fresh clock and entropy before anything else it runs.
+            child.vm.channel().send_hello().map_err(|e| GuestError::Failed(e.to_string()))?;
+            children.push(child);
+        }
+        // All at once at the end: running children would take the CPU from
+        // the restore of the rest (each starts by handling its Hello).
+        for child in &children {
+            child.vm.resume().map_err(|e| failed("resume child", e))?;
+        }
+        let figures = ForkFigures {
+            parent_paused: source.paused,
+            capture,
+            total: started.elapsed(),
+            image_bytes: source.image.data_bytes,
+            image_runs: source.image.runs.len(),
+        };
+        inner.counters.forks.fetch_add(1, Ordering::Relaxed);
+        inner.counters.fork_children.fetch_add(children.len() as u64, Ordering::Relaxed);
+        inner.cfg.log.info(
+            "fork",
+            &[
+                ("sandbox", json!(self.vm.status().sandbox())),
+                ("children", json!(children.len())),
+                ("parent_paused_us", json!(figures.parent_paused.as_micros() as u64)),
+                ("capture_us", json!(figures.capture.as_micros() as u64)),
+                ("total_us", json!(figures.total.as_micros() as u64)),
+                ("image_bytes", json!(figures.image_bytes)),
+                ("image_runs", json!(figures.image_runs)),
+            ],
+        );
+        Ok((children, figures))
     }
 }
 
@@ -298,7 +420,7 @@ impl VmFactory {
             }
         };
         // The guest owns the place now: its drop releases it, whatever happens next.
-        let guest = RunningGuest { vm, inner: inner.clone() };
+        let guest = RunningGuest { vm, inner: inner.clone(), template: spec.template.clone() };
         guest.vm.status().label(inner.cfg.log.clone(), Some(spec.sandbox_id.clone()));
         // Fresh clock and entropy for this copy, queued ahead of any exec.
         guest.vm.channel().send_hello().map_err(|e| GuestError::Failed(e.to_string()))?;
@@ -333,6 +455,8 @@ impl VmFactory {
             "pool_misses": c.pool_misses.load(Ordering::Relaxed),
             "live_vms": inner.admission.live(),
             "created_total": created,
+            "forks_total": c.forks.load(Ordering::Relaxed),
+            "fork_children_total": c.fork_children.load(Ordering::Relaxed),
             "max_sandboxes": inner.cfg.max_sandboxes,
             "guest_ram_mib": inner.cfg.guest_ram_mib,
             "host_memory_total_mib": total,

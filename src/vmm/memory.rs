@@ -158,6 +158,186 @@ pub fn write_sparse(mem: &GuestMemory, path: &Path) -> Result<u64, MemoryError> 
     Ok(written)
 }
 
+/// A run of guest pages: `pages` pages from guest page number `first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRun {
+    /// First guest page number (guest-physical address / 4 KiB).
+    pub first: u64,
+    /// Length in pages.
+    pub pages: u64,
+}
+
+/// Runs closer than this many pages are joined into one: a few template
+/// pages copied along cost less than one more mapping per gap (every run is
+/// a mapping in each VM that maps the image, and `vm.max_map_count` bounds
+/// them per process).
+pub const MERGE_GAP_PAGES: u64 = 64;
+
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+const PAGEMAP_FILE_OR_SHARED: u64 = 1 << 61;
+
+fn region_of(mem: &GuestMemory) -> Result<(*mut u8, u64), MemoryError> {
+    let mut regions = mem.iter();
+    let region = regions.next().ok_or_else(|| MemoryError::Map("guest memory has no region".into()))?;
+    if regions.next().is_some() || region.start_addr().0 != 0 {
+        return Err(MemoryError::Map("fork needs guest RAM as one region at address 0".into()));
+    }
+    Ok((region.as_ptr(), region.len()))
+}
+
+/// The guest pages this VM holds itself rather than shares with its
+/// template file: pages it wrote (anonymous copies, present or swapped, read
+/// from `/proc/self/pagemap`) and the runs of an image it was given by an
+/// earlier fork (`overlay`: they read as file pages). Sorted runs, gaps of up
+/// to [`MERGE_GAP_PAGES`] joined. The VM must be paused.
+pub fn own_pages(mem: &GuestMemory, overlay: &[PageRun]) -> Result<Vec<PageRun>, MemoryError> {
+    let (host, len) = region_of(mem)?;
+    let pages = (len / PAGE as u64) as usize;
+    let mut own = vec![false; pages];
+    for r in overlay {
+        let end = (r.first + r.pages).min(pages as u64);
+        for p in r.first.min(end)..end {
+            own[p as usize] = true;
+        }
+    }
+    let path = "/proc/self/pagemap";
+    let err = |source| MemoryError::File { path: path.into(), source };
+    let file = File::open(path).map_err(err)?;
+    const CHUNK: usize = 1 << 16;
+    let mut buf = vec![0u8; CHUNK * 8];
+    let first_vpage = host as u64 / PAGE as u64;
+    let mut done = 0usize;
+    while done < pages {
+        let n = CHUNK.min(pages - done);
+        let bytes = &mut buf[..n * 8];
+        file.read_exact_at(bytes, (first_vpage + done as u64) * 8).map_err(err)?;
+        for (i, e) in bytes.chunks_exact(8).enumerate() {
+            let e = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            let anon = e & PAGEMAP_PRESENT != 0 && e & PAGEMAP_FILE_OR_SHARED == 0;
+            if anon || e & PAGEMAP_SWAPPED != 0 {
+                own[done + i] = true;
+            }
+        }
+        done += n;
+    }
+    Ok(runs_of(&own))
+}
+
+/// Sorted runs of the `true` pages, gaps of up to [`MERGE_GAP_PAGES`] joined.
+fn runs_of(own: &[bool]) -> Vec<PageRun> {
+    let mut runs: Vec<PageRun> = Vec::new();
+    for (p, _) in own.iter().enumerate().filter(|(_, o)| **o) {
+        let p = p as u64;
+        match runs.last_mut() {
+            Some(r) if p - (r.first + r.pages) <= MERGE_GAP_PAGES => r.pages = p + 1 - r.first,
+            _ => runs.push(PageRun { first: p, pages: 1 }),
+        }
+    }
+    runs
+}
+
+/// A VM's own pages captured for a fork: a sealed memfd as large as guest
+/// RAM, holding the runs (all-zero pages left as holes). The parent and
+/// every child map it copy-on-write over their template mapping; the kernel
+/// frees it when the last such mapping goes, since nobody keeps the fd.
+pub struct ForkImage {
+    file: File,
+    /// What the image holds; everything else comes from the template file.
+    pub runs: Vec<PageRun>,
+    /// Bytes of non-zero pages written.
+    pub data_bytes: u64,
+}
+
+/// Pages copied per `pwrite` at most.
+const CAPTURE_BATCH_PAGES: usize = 256;
+
+/// Copies `runs` of `mem` into a new sealed memfd.
+///
+/// # Safety
+/// Nothing may write `mem` meanwhile: the vCPUs are paused and the device
+/// thread is held (the pages are read as plain bytes).
+pub unsafe fn capture(mem: &GuestMemory, runs: &[PageRun]) -> Result<ForkImage, MemoryError> {
+    let (host, len) = region_of(mem)?;
+    let err = |what: &str| MemoryError::File { path: format!("fork image ({what})"), source: std::io::Error::last_os_error() };
+    // SAFETY: a constant NUL-terminated name; the flags create a new fd.
+    let fd = unsafe { libc::memfd_create(c"podflare-fork".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(err("memfd_create"));
+    }
+    // SAFETY: `fd` is a new descriptor nobody else owns.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(len).map_err(|e| MemoryError::File { path: "fork image (size)".into(), source: e })?;
+    let mut data_bytes = 0u64;
+    for r in runs {
+        if (r.first + r.pages) * PAGE as u64 > len {
+            return Err(MemoryError::Map(format!("page run {r:?} is outside guest RAM")));
+        }
+        let mut p = r.first;
+        let end = r.first + r.pages;
+        while p < end {
+            // SAFETY: page `p` lies inside the region (checked above), which
+            // `mem` keeps mapped; the caller guarantees nobody writes it now.
+            let page = |p: u64| unsafe { std::slice::from_raw_parts(host.add((p * PAGE as u64) as usize), PAGE) };
+            if page(p).iter().all(|b| *b == 0) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < end && ((p - start) as usize) < CAPTURE_BATCH_PAGES && !page(p).iter().all(|b| *b == 0) {
+                p += 1;
+            }
+            let off = start * PAGE as u64;
+            let bytes = ((p - start) * PAGE as u64) as usize;
+            // SAFETY: as above, for the whole batch [start, p).
+            let data = unsafe { std::slice::from_raw_parts(host.add(off as usize), bytes) };
+            file.write_all_at(data, off).map_err(|e| MemoryError::File { path: "fork image (write)".into(), source: e })?;
+            data_bytes += bytes as u64;
+        }
+    }
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: plain fcntl on our own fd; no shared writable mapping exists.
+    if unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(err("seal"));
+    }
+    Ok(ForkImage { file, runs: runs.to_vec(), data_bytes })
+}
+
+/// Maps `image`'s runs copy-on-write over the same guest pages of `mem`
+/// (whose other pages keep mapping the template file).
+///
+/// # Safety
+/// The VM that uses `mem`, if any, is paused and its device thread held:
+/// the pages change under it (KVM follows through its MMU notifier), and
+/// nothing may hold a reference into the replaced ranges.
+pub unsafe fn map_image(mem: &GuestMemory, image: &ForkImage) -> Result<(), MemoryError> {
+    let (host, len) = region_of(mem)?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&image.file);
+    for r in &image.runs {
+        let (off, bytes) = (r.first * PAGE as u64, r.pages * PAGE as u64);
+        if off + bytes > len {
+            return Err(MemoryError::Map(format!("page run {r:?} is outside guest RAM")));
+        }
+        // SAFETY: [host+off, host+off+bytes) lies inside the mapping `mem`
+        // owns (checked above), so MAP_FIXED replaces only guest RAM; the
+        // file offset is within the image (same size as RAM).
+        let got = unsafe {
+            libc::mmap(
+                host.add(off as usize).cast(),
+                bytes as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                fd,
+                off as libc::off_t,
+            )
+        };
+        if got == libc::MAP_FAILED {
+            return Err(MemoryError::Map(format!("mapping the fork image: {}", std::io::Error::last_os_error())));
+        }
+    }
+    Ok(())
+}
+
 /// Hands the free pages of hostd's own heap back to the kernel. glibc keeps
 /// what a burst of sandboxes freed in its arenas, so without this hostd's
 /// RSS would stay at its peak after the burst is gone.
@@ -176,14 +356,18 @@ pub fn release_free_heap() {
 pub fn private_bytes(mem: &GuestMemory) -> u64 {
     let Some(region) = mem.iter().next() else { return 0 };
     let start = region.as_ptr() as u64;
+    let end = start + region.len();
     let Ok(text) = std::fs::read_to_string("/proc/self/smaps") else { return 0 };
+    // A forked VM's RAM is several mappings (template file, image runs).
     let mut in_region = false;
     let mut total_kb = 0u64;
     for line in text.lines() {
         if let Some((range, _)) = line.split_once(' ') {
-            if let Some((lo, _hi)) = range.split_once('-') {
+            if let Some((lo, hi)) = range.split_once('-') {
                 if lo.len() >= 8 && lo.chars().all(|c| c.is_ascii_hexdigit()) {
-                    in_region = u64::from_str_radix(lo, 16).ok() == Some(start);
+                    let lo = u64::from_str_radix(lo, 16).unwrap_or(0);
+                    let hi = u64::from_str_radix(hi, 16).unwrap_or(0);
+                    in_region = lo >= start && hi <= end;
                     continue;
                 }
             }
@@ -206,6 +390,62 @@ mod tests {
         assert!(anonymous(0).is_err());
         assert!(anonymous(4096).is_err());
         assert!(anonymous(MAX_RAM_BYTES + (2 << 20)).is_err());
+    }
+
+    #[test]
+    fn runs_join_small_gaps_only() {
+        let mut own = vec![false; 1000];
+        for p in [3, 4, 5, 5 + MERGE_GAP_PAGES as usize + 1, 900, 999] {
+            own[p] = true;
+        }
+        assert_eq!(
+            runs_of(&own),
+            vec![
+                PageRun { first: 3, pages: MERGE_GAP_PAGES + 4 },
+                PageRun { first: 900, pages: 1 },
+                PageRun { first: 999, pages: 1 }
+            ]
+        );
+        assert!(runs_of(&[false; 10]).is_empty());
+    }
+
+    #[test]
+    fn a_fork_image_holds_own_pages_and_maps_under_a_template() {
+        // "Template": a sparse file with one page; the "parent" writes two
+        // pages (one of them all zero) over a private mapping of it.
+        let template = anonymous(4 << 20).unwrap();
+        template.write_slice(b"template", GuestAddress(0x5000)).unwrap();
+        let dir = std::env::temp_dir().join(format!("pf-fork-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mem");
+        write_sparse(&template, &path).unwrap();
+        let parent = private_file_mapping(File::open(&path).unwrap(), 4 << 20).unwrap();
+        parent.write_slice(b"parent", GuestAddress(0x1000)).unwrap();
+        parent.write_slice(&[0u8; 8], GuestAddress(0x3000)).unwrap();
+        let mut buf = [0u8; 8];
+        parent.read_slice(&mut buf, GuestAddress(0x5000)).unwrap();
+        let runs = own_pages(&parent, &[]).unwrap();
+        assert_eq!(runs, vec![PageRun { first: 1, pages: 3 }], "written pages only, the gap joined");
+        // SAFETY: nothing else uses `parent` in this test.
+        let image = unsafe { capture(&parent, &runs) }.unwrap();
+        assert_eq!(image.data_bytes, PAGE as u64, "zero pages are holes");
+        let child = private_file_mapping(File::open(&path).unwrap(), 4 << 20).unwrap();
+        // SAFETY: `child` is fresh and unused by any VM or reference.
+        unsafe { map_image(&child, &image).unwrap() };
+        // SAFETY: `parent` backs no VM, and no reference into it is held.
+        unsafe { map_image(&parent, &image).unwrap() };
+        drop(image);
+        let mut buf = [0u8; 8];
+        child.read_slice(&mut buf[..6], GuestAddress(0x1000)).unwrap();
+        assert_eq!(&buf[..6], b"parent");
+        child.read_slice(&mut buf, GuestAddress(0x5000)).unwrap();
+        assert_eq!(&buf, b"template", "other pages come from the template");
+        child.write_slice(b"CHILD!", GuestAddress(0x1000)).unwrap();
+        parent.read_slice(&mut buf[..6], GuestAddress(0x1000)).unwrap();
+        assert_eq!(&buf[..6], b"parent", "a child's write stays its own");
+        let again = own_pages(&parent, &[PageRun { first: 1, pages: 3 }]).unwrap();
+        assert_eq!(again, vec![PageRun { first: 1, pages: 3 }], "the overlay counts as the VM's own");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

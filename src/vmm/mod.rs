@@ -150,6 +150,11 @@ impl VmStatus {
         *self.label.lock().unwrap_or_else(|p| p.into_inner()) = VmLabel { log, sandbox };
     }
 
+    /// The sandbox id this VM serves, if labelled with one.
+    pub fn sandbox(&self) -> Option<String> {
+        self.label.lock().unwrap_or_else(|p| p.into_inner()).sandbox.clone()
+    }
+
     /// Records a clean stop (guest powered off or reset).
     pub fn exit(&self, why: &str) {
         if self.set(why.to_string()) {

@@ -1,5 +1,5 @@
 //! Persist: save a running VM into a snapshot directory, and restore VMs
-//! from one. Templates, and later fork and spaces, all go through here.
+//! from one. Templates, fork children and (later) spaces all go through here.
 //!
 //! A snapshot directory holds `state` (see [`super::snapshot`]) and `memory`
 //! (guest RAM as a sparse file). It is written under a temporary name and
@@ -59,3 +59,21 @@ pub fn restore(kvm: &Kvm, name: &str, rootfs: File, memory: File, snap: &Snapsho
     Ok(vm)
 }
 
+
+/// Restores one fork child of the VM `source` was captured from: the
+/// template's memory file mapped `MAP_PRIVATE` with the source's image laid
+/// over it (both shared until the child writes), its saved state, a channel
+/// continuing the parent's. The child stays paused: a fork resumes all its
+/// children at the end, so running ones do not slow the restore of the rest.
+pub fn restore_fork_child(
+    kvm: &Kvm,
+    name: &str,
+    rootfs: File,
+    template_memory: File,
+    source: &vm::ForkSource,
+) -> Result<Vm, VmmError> {
+    let mem = memory::private_file_mapping(template_memory, source.ram_bytes)?;
+    // SAFETY: `mem` is a fresh mapping no VM uses yet and nobody references.
+    unsafe { memory::map_image(&mem, &source.image) }?;
+    Vm::restore_fork_child(kvm, name, rootfs, mem, source)
+}

@@ -8,9 +8,9 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::boot;
-use super::channel::Channel;
+use super::channel::{Channel, ChannelSeed};
 use super::device_manager::{self, Backends, BusKind, DeviceManager, DevicesState, Notifier};
 use super::memory;
 use super::state::{msrs_to_save, VcpuState, VmState};
@@ -59,6 +59,20 @@ pub struct MachineState {
     pub devices: DevicesState,
 }
 
+/// A running VM captured for a fork: what every child is restored from.
+pub struct ForkSource {
+    /// vCPU, VM and device state at the capture.
+    pub machine: MachineState,
+    /// Where each child's channel starts.
+    pub channel: ChannelSeed,
+    /// The VM's own pages, mapped over the template in parent and children.
+    pub image: memory::ForkImage,
+    /// Guest RAM size.
+    pub ram_bytes: u64,
+    /// How long the parent's vCPUs were stopped.
+    pub paused: Duration,
+}
+
 /// A running (or paused) VM. Dropping it stops every thread and frees all.
 pub struct Vm {
     name: String,
@@ -69,6 +83,11 @@ pub struct Vm {
     channel: Channel,
     status: Arc<VmStatus>,
     console_log: Arc<ConsoleLog>,
+    /// The runs of guest RAM mapped from a fork image rather than from the
+    /// template file (empty until this VM forks or if it is a fork child).
+    overlay: Mutex<Vec<memory::PageRun>>,
+    /// One fork of this VM at a time.
+    forking: Mutex<()>,
     // Order matters for teardown: the VM fd (and with it every memory slot)
     // closes before the memory it points at is unmapped.
     vm_fd: Arc<VmFd>,
@@ -177,10 +196,35 @@ impl Vm {
         mem: GuestMemory,
         state: &MachineState,
     ) -> Result<Vm, VmmError> {
+        Vm::restore_with(kvm, name, rootfs, mem, state, Channel::new())
+    }
+
+    /// Restores a fork child: `mem` is the template mapping with the
+    /// source's image laid over it, and the channel continues the parent's.
+    /// The VM starts paused.
+    pub fn restore_fork_child(
+        kvm: &Kvm,
+        name: &str,
+        rootfs: File,
+        mem: GuestMemory,
+        source: &ForkSource,
+    ) -> Result<Vm, VmmError> {
+        let vm = Vm::restore_with(kvm, name, rootfs, mem, &source.machine, Channel::start_from(&source.channel))?;
+        *vm.overlay.lock().unwrap_or_else(PoisonError::into_inner) = source.image.runs.clone();
+        Ok(vm)
+    }
+
+    fn restore_with(
+        kvm: &Kvm,
+        name: &str,
+        rootfs: File,
+        mem: GuestMemory,
+        state: &MachineState,
+        channel: Channel,
+    ) -> Result<Vm, VmmError> {
         let vm_fd = new_vm_fd(kvm, &mem)?;
         let age_ns = state.vm.age_ns();
         state.vm.restore(&vm_fd, age_ns)?;
-        let channel = Channel::new();
         let log = ConsoleLog::new(CONSOLE_LOG_BYTES);
         let backends = Backends { rootfs, channel_sink: channel.sink(), console_log: log.clone() };
         let (devices, notifiers) = DeviceManager::build(&vm_fd, &mem, backends, Some(&state.devices))?;
@@ -209,7 +253,7 @@ impl Vm {
         super::vcpu::install_kick_handler().map_err(VmmError::Config)?;
         let status = Arc::new(VmStatus::new(name, channel.clone()));
         let stop = EventFd::new(EFD_NONBLOCK).map_err(VmmError::Io)?;
-        let device_thread = DeviceManager::spawn_thread(name, &stop, notifiers, status.clone())?;
+        let device_thread = DeviceManager::spawn_thread(name, &stop, notifiers, status.clone(), devices.work_lock())?;
         channel.attach(devices.console_handle().clone());
         let ctx = Arc::new(VcpuContext {
             pio: Arc::new(devices.bus(BusKind::Pio)?),
@@ -233,6 +277,8 @@ impl Vm {
             channel,
             status,
             console_log: log,
+            overlay: Mutex::new(Vec::new()),
+            forking: Mutex::new(()),
             vm_fd: Arc::new(vm_fd),
             mem,
         })
@@ -270,6 +316,39 @@ impl Vm {
         }
         let vm = VmState::save(&self.vm_fd)?;
         Ok(MachineState { vm, vcpus, devices: self.devices.save() })
+    }
+
+    /// Captures this running VM for a fork and lets it run on: pauses it,
+    /// holds its device thread, saves its state, copies its own pages (not
+    /// the template's; zero pages skipped) into an image, maps that image
+    /// copy-on-write over its own RAM too (so parent and children share the
+    /// pages, and the next fork copies from one image, never a chain), and
+    /// resumes it. The parent is stopped for the save, the copy and the
+    /// remap; children are restored from the result without it.
+    pub fn capture_for_fork(&self) -> Result<ForkSource, VmmError> {
+        let _one_fork = self.forking.lock().unwrap_or_else(PoisonError::into_inner);
+        let started = Instant::now();
+        self.pause()?;
+        let captured = (|| {
+            let _devices_still = self.devices.hold();
+            let machine = self.save_state()?;
+            let channel = self.channel.seed();
+            let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
+            let runs = memory::own_pages(&self.mem, &overlay)?;
+            // SAFETY: the vCPUs are paused and the device thread is held
+            // (`_devices_still`), so nothing writes guest RAM meanwhile.
+            let image = unsafe { memory::capture(&self.mem, &runs) }?;
+            // SAFETY: as above; the image holds exactly what those pages
+            // hold now, so the guest sees no change.
+            unsafe { memory::map_image(&self.mem, &image) }?;
+            *overlay = image.runs.clone();
+            Ok::<_, VmmError>((machine, channel, image))
+        })();
+        let resumed = self.resume();
+        let paused = started.elapsed();
+        let (machine, channel, image) = captured?;
+        resumed?;
+        Ok(ForkSource { machine, channel, image, ram_bytes: memory::ram_bytes(&self.mem), paused })
     }
 
     /// Guest memory.
