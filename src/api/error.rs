@@ -116,6 +116,7 @@ impl From<SandboxError> for ApiError {
             SandboxError::UnknownSandbox(_) | SandboxError::UnknownSpace(_) => ApiError::NotFound(e.to_string()),
             SandboxError::UnknownTemplate { .. } => ApiError::field("template", &e),
             SandboxError::CodeTooLarge { .. } => ApiError::field("code", &e),
+            SandboxError::MergeAcrossTemplates { .. } => ApiError::field("winner", &e),
             SandboxError::TooManyStreams { .. }
             | SandboxError::TooManySandboxStreams { .. }
             | SandboxError::Capacity(_) => ApiError::Capacity(e.to_string()),

@@ -46,11 +46,11 @@ impl Controller {
             Action::Delete { id } => m.destroy(&id).map(|()| Reply::NoContent),
             Action::Exec { id, language, code } => m.exec(&id, language, code).map(Reply::Stream),
             Action::Replay { id } => m.replay(&id).map(Reply::Ndjson),
-            Action::Fork { id, .. } => self.not_yet(&id, "fork"),
-            Action::MergeInto { parent, winner } => {
-                m.get(&winner)?;
-                self.not_yet(&parent, "merge_into")
+            Action::Fork { id, n } => {
+                let children = m.fork(&id, n)?;
+                Ok(Reply::Json(json!({ "children": children.iter().map(|c| c.id()).collect::<Vec<_>>() })))
             }
+            Action::MergeInto { parent, winner } => m.merge(&parent, &winner).map(|()| Reply::NoContent),
             // No space can exist until freezing is implemented, so every
             // space id is unknown: that is the truthful answer.
             Action::ResumeSpace { space, .. } | Action::DeleteSpace { space } => {

@@ -37,6 +37,7 @@ pub struct Sandbox {
     id: String,
     template: String,
     persistent: bool,
+    egress: bool,
     created: Instant,
     lifetime: Duration,
     idle: Duration,
@@ -78,6 +79,7 @@ impl Sandbox {
         id: String,
         template: String,
         persistent: bool,
+        egress: bool,
         lifetime: Duration,
         idle: Duration,
         guest: Box<dyn Guest>,
@@ -88,6 +90,7 @@ impl Sandbox {
             id,
             template,
             persistent,
+            egress,
             created: now,
             lifetime,
             idle,
@@ -107,6 +110,11 @@ impl Sandbox {
     /// Frozen into a space (not destroyed) at its idle timeout, once spaces exist.
     pub fn persistent(&self) -> bool {
         self.persistent
+    }
+
+    /// Network egress allowed (fork children inherit it).
+    pub fn egress(&self) -> bool {
+        self.egress
     }
 
     /// Lifetime (`timeout_seconds`).
@@ -147,8 +155,24 @@ impl Sandbox {
     }
 
     /// The guest, if not destroyed; the lock is not held while it is used.
-    fn guest(&self) -> Option<Arc<dyn Guest>> {
+    pub(super) fn guest(&self) -> Option<Arc<dyn Guest>> {
         self.guest.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Takes the guest out without ending it (merge moves it to another
+    /// id); the sandbox is destroyed from here on.
+    pub(super) fn take_guest(&self) -> Option<Arc<dyn Guest>> {
+        self.guest.write().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    /// Puts `guest` in place of the current one (merge); returns the old
+    /// one, or gives `guest` back if this sandbox is already destroyed.
+    pub(super) fn replace_guest(&self, guest: Arc<dyn Guest>) -> Result<Arc<dyn Guest>, Arc<dyn Guest>> {
+        let mut slot = self.guest.write().unwrap_or_else(PoisonError::into_inner);
+        match slot.as_mut() {
+            Some(current) => Ok(std::mem::replace(current, guest)),
+            None => Err(guest),
+        }
     }
 
     pub(super) fn start_exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, ExecStartError> {

@@ -89,6 +89,7 @@ impl Manager {
             id,
             template,
             p.persistent,
+            p.egress,
             Duration::from_secs(self.cfg.timeout_seconds.resolve(p.timeout_seconds)),
             Duration::from_secs(self.cfg.idle_timeout_seconds.resolve(p.idle_timeout_seconds)),
             guest,
@@ -109,6 +110,85 @@ impl Manager {
             ],
         );
         Ok(sb)
+    }
+
+    /// Forks `id` into `n` new sandboxes: each starts from the parent's
+    /// memory, processes and files, and inherits its template, egress,
+    /// persistence, lifetime and idle limit (its clocks start now). All or
+    /// nothing.
+    pub fn fork(&self, id: &str, n: u32) -> Result<Vec<Arc<Sandbox>>, SandboxError> {
+        let parent = self.get(id)?;
+        let guest = parent.guest().ok_or_else(|| SandboxError::UnknownSandbox(id.to_string()))?;
+        let ids = (0..n).map(|_| random_hex32().map(|h| format!("sbx_{h}"))).collect::<Result<Vec<_>, _>>()?;
+        let specs: Vec<GuestSpec> = ids
+            .iter()
+            .map(|c| GuestSpec { template: parent.template().to_string(), egress: parent.egress(), sandbox_id: c.clone() })
+            .collect();
+        let started = Instant::now();
+        // No lock is held: the parent runs on, other sandboxes are untouched.
+        let guests = guest.fork(&specs).map_err(SandboxError::from_guest)?;
+        let children: Vec<Arc<Sandbox>> = ids
+            .into_iter()
+            .zip(guests)
+            .map(|(child, g)| {
+                Arc::new(Sandbox::new(
+                    child,
+                    parent.template().to_string(),
+                    parent.persistent(),
+                    parent.egress(),
+                    parent.lifetime(),
+                    parent.idle(),
+                    g,
+                    self.cfg.replay_max_bytes,
+                ))
+            })
+            .collect();
+        {
+            let mut map = lock(&self.sandboxes);
+            for c in &children {
+                map.insert(c.id().to_string(), Arc::clone(c));
+            }
+        }
+        self.log.info(
+            "sandbox forked",
+            &[
+                ("sandbox", json!(id)),
+                ("children", json!(children.iter().map(|c| c.id()).collect::<Vec<_>>())),
+                ("ms", json!(started.elapsed().as_secs_f64() * 1e3)),
+            ],
+        );
+        Ok(children)
+    }
+
+    /// Makes `parent` drive `winner`'s VM: the winner id goes away, the
+    /// parent's old VM is destroyed (an exec running on it ends with a
+    /// message saying so), queued execs of the parent run on the new VM.
+    pub fn merge(&self, parent: &str, winner: &str) -> Result<(), SandboxError> {
+        let (p, w) = (self.get(parent)?, self.get(winner)?);
+        if p.template() != w.template() {
+            return Err(SandboxError::MergeAcrossTemplates {
+                parent: parent.to_string(),
+                parent_template: p.template().to_string(),
+                winner: winner.to_string(),
+                winner_template: w.template().to_string(),
+            });
+        }
+        let w = lock(&self.sandboxes).remove(winner).ok_or_else(|| SandboxError::UnknownSandbox(winner.to_string()))?;
+        let guest = w.take_guest().ok_or_else(|| SandboxError::UnknownSandbox(winner.to_string()))?;
+        guest.relabel(parent);
+        let old = match p.replace_guest(guest) {
+            Ok(old) => old,
+            Err(guest) => {
+                // The parent was deleted meanwhile: the winner goes too.
+                guest.shutdown("merge_into: the parent sandbox was deleted meanwhile");
+                self.destroyed_since_trim.fetch_add(1, Ordering::Relaxed);
+                return Err(SandboxError::UnknownSandbox(parent.to_string()));
+            }
+        };
+        old.shutdown(&format!("the sandbox was replaced by merge_into: it now runs {winner}'s state"));
+        self.destroyed_since_trim.fetch_add(1, Ordering::Relaxed);
+        self.log.info("sandbox merged", &[("sandbox", json!(parent)), ("winner", json!(winner))]);
+        Ok(())
     }
 
     /// The live sandbox `id`.

@@ -64,6 +64,19 @@ pub enum SandboxError {
     /// The endpoint exists in the contract but this host does not serve it yet.
     #[error("{0} is not implemented yet on this host")]
     NotImplemented(&'static str),
+    /// merge_into between sandboxes of different templates (the winner's
+    /// VM could not serve the parent's template).
+    #[error("cannot merge sandbox {winner:?} (template {winner_template:?}) into {parent:?} (template {parent_template:?}): both must come from the same template")]
+    MergeAcrossTemplates {
+        /// The parent id.
+        parent: String,
+        /// Its template.
+        parent_template: String,
+        /// The winner id.
+        winner: String,
+        /// Its template.
+        winner_template: String,
+    },
     /// A guest failed in a way that is our fault, not the caller's.
     #[error("guest failure")]
     Guest(#[source] GuestError),
@@ -78,6 +91,7 @@ impl SandboxError {
         match e {
             GuestError::UnknownTemplate(t) => SandboxError::UnknownTemplate { template: t, served: Vec::new() },
             GuestError::Capacity(why) => SandboxError::Capacity(why),
+            GuestError::Unsupported(what) => SandboxError::NotImplemented(what),
             other => SandboxError::Guest(other),
         }
     }
