@@ -149,3 +149,91 @@ def test_close_then_404(client):
     with pytest.raises(httpx.HTTPStatusError) as e:
         client.destroy_sandbox(sid)
     assert e.value.response.status_code == 404
+
+
+LOCAL_HARNESS = pytest.mark.skipif(
+    os.environ.get("PODFLARE_SDK_SHARED_FS") == "1",
+    reason="the local-process harness (tests/api_sdk_local.rs) runs processes, not VMs: nothing to fork",
+)
+
+STATE = "print(x, open('/root/f').read())"
+DRAW = "import os, random, uuid\nprint(os.urandom(8).hex(), random.random(), uuid.uuid4())"
+
+
+@LOCAL_HARNESS
+def test_fork_children_share_the_past_not_the_future(client):
+    parent = Sandbox(client=client)
+    kids, grand, great = [], [], []
+    try:
+        assert parent.run_code("x = 1\nopen('/root/f', 'w').write('parent')").ok
+        kids = parent.fork(n=5)
+        assert len(kids) == 5 and len({k.id for k in kids}) == 5
+        for k in kids:
+            assert k.run_code(STATE).stdout == "1 parent"
+        assert kids[0].run_code("x = 2\nopen('/root/f', 'w').write('child0')").ok
+        assert kids[0].run_code(STATE).stdout == "2 child0"
+        assert parent.run_code(STATE).stdout == "1 parent"
+        for k in kids[1:]:
+            assert k.run_code(STATE).stdout == "1 parent"
+        assert parent.run_code("x = 3\nopen('/root/f', 'w').write('parent3')").ok
+        for k in kids[1:]:
+            assert k.run_code(STATE).stdout == "1 parent"
+
+        # Three generations deep.
+        assert kids[1].run_code("x = 10").ok
+        grand = kids[1].fork(n=2)
+        assert grand[0].run_code(STATE).stdout == "10 parent"
+        assert grand[0].run_code("x = 20").ok
+        great = grand[0].fork()
+        assert great[0].run_code(STATE).stdout == "20 parent"
+        assert grand[1].run_code(STATE).stdout == "10 parent"
+
+        # Random values differ everywhere.
+        draws = [s.run_code(DRAW).stdout.split() for s in [parent, *kids, *grand, *great]]
+        for i in range(3):
+            assert len({d[i] for d in draws}) == len(draws), draws
+
+        # The winner's state becomes the parent's; its id goes away; the
+        # siblings are untouched.
+        winner = kids[0]
+        parent.merge_into(winner)
+        assert parent.run_code(STATE).stdout == "2 child0"
+        with pytest.raises(httpx.HTTPStatusError) as e:
+            client.replay(winner.id)
+        assert e.value.response.status_code == 404
+        r = httpx.post(f"{URL}/v1/sandboxes/{winner.id}/exec", json={"code": "print(1)"}, headers=_auth())
+        assert r.status_code == 404
+        assert kids[1].run_code(STATE).stdout == "10 parent"
+        assert parent.run_code("x += 1\nprint(x)").stdout == "3"
+    finally:
+        for s in [parent, *kids, *grand, *great]:
+            _close(s)
+
+
+def _auth():
+    key = os.environ.get("PODFLARE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+@LOCAL_HARNESS
+def test_fork_and_merge_bad_requests(client):
+    s = Sandbox(client=client)
+    try:
+        for n in [0, 33, -1, "x", 1.5, True, [1]]:
+            r = httpx.post(f"{URL}/v1/sandboxes/{s.id}/fork", json={"n": n}, headers=_auth())
+            assert r.status_code == 400, (n, r.status_code, r.text)
+            assert "n" in r.json()["error"], r.text
+        r = httpx.post(f"{URL}/v1/sandboxes/{s.id}/fork", content=b"{not json", headers=_auth())
+        assert r.status_code == 400, r.text
+        missing = "sbx_" + "0" * 32
+        r = httpx.post(f"{URL}/v1/sandboxes/{missing}/fork", json={"n": 1}, headers=_auth())
+        assert r.status_code == 404 and "error" in r.json(), r.text
+        r = httpx.post(f"{URL}/v1/sandboxes/{s.id}/merge_into/{s.id}", headers=_auth())
+        assert r.status_code == 400 and "error" in r.json(), r.text
+        r = httpx.post(f"{URL}/v1/sandboxes/{s.id}/merge_into/{missing}", headers=_auth())
+        assert r.status_code == 404 and "error" in r.json(), r.text
+        r = httpx.post(f"{URL}/v1/sandboxes/{missing}/merge_into/{s.id}", headers=_auth())
+        assert r.status_code == 404 and "error" in r.json(), r.text
+        assert s.run_code("print('still fine')").stdout == "still fine"
+    finally:
+        _close(s)
