@@ -7,7 +7,9 @@
 //! skipped without it), `PODFLARE_BENCH_COLD_BOOTS` (3), `PODFLARE_BENCH_IDLE_MAX`
 //! (600: cap on the idle-density run), `PODFLARE_BENCH_QEMU` (path of
 //! scripts/qemu-boot; the QEMU row is skipped without it), `PODFLARE_BENCH_ONLY`
-//! (comma list of setup,restore,throughput,http,pool,idle,density,cold);
+//! (comma list of setup,restore,throughput,fork,http,pool,idle,density,cold);
+//! `PODFLARE_BENCH_FORK_MIB` (100: parent state in the fork rows),
+//! `PODFLARE_BENCH_FORK_RUNS` (5: runs per fork row);
 //! `PODFLARE_BENCH_IDLE_NEIGHBOURS` (200: idle sandboxes in the idle rows).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -213,6 +215,73 @@ fn bench_restore(f: &VmFactory) {
     row("warm `print(1)` through the channel, no HTTP", format!("{w:.2} ms (p95 {w95:.2})"), "-", "hostd channel + guest kernel + REPL; HTTP row minus this = hostd HTTP share");
     let (m, _) = stats(private);
     row("host private memory per idle restored sandbox", format!("{m:.1} MiB"), "<= 10 MiB", "Private_Dirty of its guest-memory mapping after one exec");
+}
+
+/// fork(n) of a sandbox holding `PODFLARE_BENCH_FORK_MIB` (100) MiB of
+/// non-zero Python state made in user space, `PODFLARE_BENCH_FORK_RUNS` (5)
+/// runs per n; server-side figures from the factory.
+fn bench_fork(f: &VmFactory) {
+    let mib = env_usize("PODFLARE_BENCH_FORK_MIB", 100);
+    let runs = env_usize("PODFLARE_BENCH_FORK_RUNS", 5);
+    let spec = |id: String| GuestSpec { template: "default".into(), egress: true, sandbox_id: id };
+    let parent = f.create_running(&spec("sbx_bench_parent".into())).expect("create");
+    let t = Instant::now();
+    let code = format!("import random\nstate = random.randbytes({mib} << 20)\nNone");
+    let (code, _) = wait_exit(parent.exec(Language::Python, &code).expect("exec")).expect("parent state");
+    assert_eq!(code, 0);
+    eprintln!("fork bench: parent holds {mib} MiB after {:.1} s", t.elapsed().as_secs_f64());
+    let specs = |n: usize| (0..n).map(|i| spec(format!("sbx_bench_child{i}"))).collect::<Vec<_>>();
+    let mut paused5 = Vec::new();
+    let mut image = (0u64, 0usize);
+    for n in [1usize, 5, 32] {
+        let mut total = Vec::new();
+        for _ in 0..runs {
+            let (kids, fig) = parent.fork_running(&specs(n)).expect("fork");
+            total.push(ms(fig.total));
+            if n == 5 {
+                paused5.push(ms(fig.parent_paused));
+                image = (fig.image_bytes, fig.image_runs);
+            }
+            drop(kids);
+        }
+        let (med, _) = stats(total);
+        let target = if n == 5 { "<= 25 ms (goal 10)" } else { "-" };
+        row(
+            &format!("fork({n}) of a sandbox holding {mib} MiB (server side)"),
+            format!("{med:.1} ms"),
+            target,
+            "pause, save, copy own pages into an image, remap parent, restore n children, Hello",
+        );
+    }
+    let (p, _) = stats(paused5);
+    row(
+        "parent paused during fork(5)",
+        format!("{p:.1} ms"),
+        "<= 10 ms",
+        &format!("image {:.1} MiB of non-zero pages in {} runs (the copy is most of it)", image.0 as f64 / (1 << 20) as f64, image.1),
+    );
+    let mut after_fork = Vec::new();
+    let mut after_write = Vec::new();
+    let mut first_exec = Vec::new();
+    for _ in 0..runs {
+        let (kids, _) = parent.fork_running(&specs(1)).expect("fork");
+        let child = &kids[0];
+        after_fork.push(child.private_memory_bytes() as f64 / (1 << 20) as f64);
+        let t = Instant::now();
+        let (code, _) = wait_exit(child.exec(Language::Python, "print(1)").expect("exec")).expect("first exec");
+        assert_eq!(code, 0);
+        first_exec.push(ms(t.elapsed()));
+        let (code, _) = wait_exit(child.exec(Language::Python, "state = random.randbytes(1 << 20)\nNone").expect("exec"))
+            .expect("write");
+        assert_eq!(code, 0);
+        after_write.push(child.private_memory_bytes() as f64 / (1 << 20) as f64);
+    }
+    let (a, _) = stats(after_fork);
+    row("host memory of a child right after fork", format!("{a:.2} MiB"), "<= 2 MiB", "Private_Dirty of its guest RAM; image pages stay shared with the parent");
+    let (w, _) = stats(after_write);
+    row("host memory of a child after it writes 1 MiB", format!("{w:.2} MiB"), "-", "`state = random.randbytes(1 << 20)` (new pages plus what the REPL touched)");
+    let (e, _) = stats(first_exec);
+    row("first exec in a child: `print(1)`", format!("{e:.1} ms"), "-", "includes the child handling Hello (clock, entropy)");
 }
 
 fn bench_throughput(f: &VmFactory) {
@@ -509,6 +578,9 @@ fn main() {
     }
     if want("throughput") {
         bench_throughput(&f);
+    }
+    if want("fork") {
+        bench_fork(&f);
     }
     if let (true, Ok(base)) = (want("http"), std::env::var("PODFLARE_BENCH_HTTP")) {
         bench_http(&base);
