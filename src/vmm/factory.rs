@@ -328,9 +328,8 @@ impl RunningGuest {
         }
         // All at once at the end: running children would take the CPU from
         // the restore of the rest (each starts by handling its Hello).
-        for child in &children {
-            child.vm.resume().map_err(|e| failed("resume child", e))?;
-        }
+        let vms: Vec<&Vm> = children.iter().map(|c| &c.vm).collect();
+        Vm::resume_together(&vms).map_err(|e| failed("resume children", e))?;
         let figures = ForkFigures {
             parent_paused: source.paused,
             capture,

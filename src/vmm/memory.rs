@@ -96,12 +96,21 @@ pub fn ram_bytes(mem: &GuestMemory) -> u64 {
 /// Must run before `KVM_CREATE_IRQCHIP`: on this host a slot registered
 /// afterwards costs milliseconds more.
 pub fn register_slots(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
+    set_slots(vm, mem, 0)
+}
+
+/// Turns KVM's dirty-page log of guest RAM on or off (a fork copies while
+/// the guest runs, then only what it wrote meanwhile).
+pub fn set_dirty_log(vm: &VmFd, mem: &GuestMemory, on: bool) -> Result<(), MemoryError> {
+    set_slots(vm, mem, if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+}
+
+fn set_slots(vm: &VmFd, mem: &GuestMemory, flags: u32) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
-        let host = region
-            .as_ptr();
+        let host = region.as_ptr();
         let entry = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -109,10 +118,20 @@ pub fn register_slots(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
         // SAFETY: the host range [host, host+len) is a live mapping owned by
         // `mem`; the VM struct keeps `mem` alive until after the VM fd (and
         // with it every slot) is closed, regions of one GuestMemory never
-        // overlap, and each gets its own slot number.
+        // overlap, and each gets its own slot number (the same one again
+        // when only the flags change).
         unsafe { vm.set_user_memory_region(entry) }.map_err(MemoryError::Slot)?;
     }
     Ok(())
+}
+
+/// Guest pages written since the dirty log was turned on or last read
+/// (one flag per page of the single RAM region); reading re-arms it.
+pub fn dirty_pages(vm: &VmFd, mem: &GuestMemory) -> Result<Vec<bool>, MemoryError> {
+    let (_, len) = region_of(mem)?;
+    let bitmap = vm.get_dirty_log(0, len as usize).map_err(MemoryError::Slot)?;
+    let pages = (len / PAGE as u64) as usize;
+    Ok((0..pages).map(|p| bitmap.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0)).collect())
 }
 
 /// Writes guest RAM to `path` as a sparse file: all-zero pages become holes,
@@ -187,20 +206,14 @@ fn region_of(mem: &GuestMemory) -> Result<(*mut u8, u64), MemoryError> {
 }
 
 /// The guest pages this VM holds itself rather than shares with its
-/// template file: pages it wrote (anonymous copies, present or swapped, read
-/// from `/proc/self/pagemap`) and the runs of an image it was given by an
-/// earlier fork (`overlay`: they read as file pages). Sorted runs, gaps of up
-/// to [`MERGE_GAP_PAGES`] joined. The VM must be paused.
-pub fn own_pages(mem: &GuestMemory, overlay: &[PageRun]) -> Result<Vec<PageRun>, MemoryError> {
+/// template file, one flag per page: pages it wrote (anonymous copies,
+/// present or swapped, read from `/proc/self/pagemap`) and the runs of an
+/// image it was given by an earlier fork (`overlay`: they read as file
+/// pages). A running VM may add pages right after.
+pub fn own_pages(mem: &GuestMemory, overlay: &[PageRun]) -> Result<Vec<bool>, MemoryError> {
     let (host, len) = region_of(mem)?;
     let pages = (len / PAGE as u64) as usize;
-    let mut own = vec![false; pages];
-    for r in overlay {
-        let end = (r.first + r.pages).min(pages as u64);
-        for p in r.first.min(end)..end {
-            own[p as usize] = true;
-        }
-    }
+    let mut own = pages_of(overlay, pages);
     let path = "/proc/self/pagemap";
     let err = |source| MemoryError::File { path: path.into(), source };
     let file = File::open(path).map_err(err)?;
@@ -221,11 +234,11 @@ pub fn own_pages(mem: &GuestMemory, overlay: &[PageRun]) -> Result<Vec<PageRun>,
         }
         done += n;
     }
-    Ok(runs_of(&own))
+    Ok(own)
 }
 
 /// Sorted runs of the `true` pages, gaps of up to [`MERGE_GAP_PAGES`] joined.
-fn runs_of(own: &[bool]) -> Vec<PageRun> {
+pub fn runs_of(own: &[bool]) -> Vec<PageRun> {
     let mut runs: Vec<PageRun> = Vec::new();
     for (p, _) in own.iter().enumerate().filter(|(_, o)| **o) {
         let p = p as u64;
@@ -250,57 +263,117 @@ pub struct ForkImage {
 }
 
 /// Pages copied per `pwrite` at most.
-const CAPTURE_BATCH_PAGES: usize = 256;
+const CAPTURE_BATCH_PAGES: u64 = 256;
 
-/// Copies `runs` of `mem` into a new sealed memfd.
+/// Whether a page that reads as all zero is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Zeros {
+    /// Left as a hole (the image reads zero there anyway).
+    Skip,
+    /// Written: an earlier copy may hold other bytes for this page.
+    Write,
+}
+
+/// An image being filled: a memfd as large as guest RAM.
+pub struct ImageBuilder {
+    file: File,
+    len: u64,
+    data_bytes: u64,
+}
+
+/// Whether the page at `page` reads as all zero. Volatile reads: the guest
+/// may be writing it meanwhile (a pre-copy copies such pages again once it
+/// is paused).
 ///
 /// # Safety
-/// Nothing may write `mem` meanwhile: the vCPUs are paused and the device
-/// thread is held (the pages are read as plain bytes).
-pub unsafe fn capture(mem: &GuestMemory, runs: &[PageRun]) -> Result<ForkImage, MemoryError> {
-    let (host, len) = region_of(mem)?;
-    let err = |what: &str| MemoryError::File { path: format!("fork image ({what})"), source: std::io::Error::last_os_error() };
-    // SAFETY: a constant NUL-terminated name; the flags create a new fd.
-    let fd = unsafe { libc::memfd_create(c"podflare-fork".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(err("memfd_create"));
-    }
-    // SAFETY: `fd` is a new descriptor nobody else owns.
-    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    file.set_len(len).map_err(|e| MemoryError::File { path: "fork image (size)".into(), source: e })?;
-    let mut data_bytes = 0u64;
-    for r in runs {
-        if (r.first + r.pages) * PAGE as u64 > len {
-            return Err(MemoryError::Map(format!("page run {r:?} is outside guest RAM")));
+/// `page` points at a whole, page-aligned page of a live mapping.
+unsafe fn page_is_zero(page: *const u8) -> bool {
+    let words = page.cast::<u64>();
+    // SAFETY: in the page the caller vouches for, and u64 aligned.
+    (0..PAGE / 8).all(|i| unsafe { std::ptr::read_volatile(words.add(i)) } == 0)
+}
+
+impl ImageBuilder {
+    /// An empty image for guest RAM of `mem`'s size.
+    pub fn new(mem: &GuestMemory) -> Result<ImageBuilder, MemoryError> {
+        let (_, len) = region_of(mem)?;
+        let err = |source| MemoryError::File { path: "fork image (memfd_create)".into(), source };
+        // SAFETY: a constant NUL-terminated name; the flags create a new fd.
+        let fd = unsafe { libc::memfd_create(c"podflare-fork".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        if fd < 0 {
+            return Err(err(std::io::Error::last_os_error()));
         }
-        let mut p = r.first;
-        let end = r.first + r.pages;
+        // SAFETY: `fd` is a new descriptor nobody else owns.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(len).map_err(|e| MemoryError::File { path: "fork image (size)".into(), source: e })?;
+        Ok(ImageBuilder { file, len, data_bytes: 0 })
+    }
+
+    /// Copies the flagged pages of `mem` into the image.
+    ///
+    /// # Safety
+    /// `mem` stays mapped throughout. If anything writes it meanwhile (a
+    /// running guest), the pages it writes must be copied again later.
+    pub unsafe fn copy(&mut self, mem: &GuestMemory, pages: &[bool], zeros: Zeros) -> Result<(), MemoryError> {
+        let (host, len) = region_of(mem)?;
+        if len != self.len || pages.len() as u64 != len / PAGE as u64 {
+            return Err(MemoryError::Map("fork image and guest RAM differ in size".into()));
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        let at = |p: u64| host.wrapping_add((p * PAGE as u64) as usize) as *const u8;
+        let wanted = |p: u64| {
+            // SAFETY: p < pages.len(), so the page lies inside the region.
+            pages[p as usize] && (zeros == Zeros::Write || !unsafe { page_is_zero(at(p)) })
+        };
+        let end = pages.len() as u64;
+        let mut p = 0u64;
         while p < end {
-            // SAFETY: page `p` lies inside the region (checked above), which
-            // `mem` keeps mapped; the caller guarantees nobody writes it now.
-            let page = |p: u64| unsafe { std::slice::from_raw_parts(host.add((p * PAGE as u64) as usize), PAGE) };
-            if page(p).iter().all(|b| *b == 0) {
+            if !wanted(p) {
                 p += 1;
                 continue;
             }
             let start = p;
-            while p < end && ((p - start) as usize) < CAPTURE_BATCH_PAGES && !page(p).iter().all(|b| *b == 0) {
+            while p < end && p - start < CAPTURE_BATCH_PAGES && wanted(p) {
                 p += 1;
             }
-            let off = start * PAGE as u64;
-            let bytes = ((p - start) * PAGE as u64) as usize;
-            // SAFETY: as above, for the whole batch [start, p).
-            let data = unsafe { std::slice::from_raw_parts(host.add(off as usize), bytes) };
-            file.write_all_at(data, off).map_err(|e| MemoryError::File { path: "fork image (write)".into(), source: e })?;
-            data_bytes += bytes as u64;
+            let (mut off, mut left) = (start * PAGE as u64, ((p - start) * PAGE as u64) as usize);
+            while left > 0 {
+                // SAFETY: [host+off, host+off+left) lies inside the region
+                // (pages < end); the kernel copies from it, no Rust
+                // reference to guest memory is made.
+                let n = unsafe { libc::pwrite(fd, host.add(off as usize).cast(), left, off as libc::off_t) };
+                if n <= 0 {
+                    return Err(MemoryError::File { path: "fork image (write)".into(), source: std::io::Error::last_os_error() });
+                }
+                off += n as u64;
+                left -= n as usize;
+            }
+            self.data_bytes += (p - start) * PAGE as u64;
+        }
+        Ok(())
+    }
+
+    /// Seals the image (no resize, no write) as holding `runs`.
+    pub fn seal(self, runs: Vec<PageRun>) -> Result<ForkImage, MemoryError> {
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+        // SAFETY: plain fcntl on our own fd; no shared writable mapping exists.
+        if unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&self.file), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(MemoryError::File { path: "fork image (seal)".into(), source: std::io::Error::last_os_error() });
+        }
+        Ok(ForkImage { file: self.file, runs, data_bytes: self.data_bytes })
+    }
+}
+
+/// Pages covered by `runs`, one flag per page of guest RAM.
+pub fn pages_of(runs: &[PageRun], total: usize) -> Vec<bool> {
+    let mut v = vec![false; total];
+    for r in runs {
+        let end = ((r.first + r.pages) as usize).min(total);
+        for f in &mut v[(r.first as usize).min(end)..end] {
+            *f = true;
         }
     }
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
-    // SAFETY: plain fcntl on our own fd; no shared writable mapping exists.
-    if unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(err("seal"));
-    }
-    Ok(ForkImage { file, runs: runs.to_vec(), data_bytes })
+    v
 }
 
 /// Maps `image`'s runs copy-on-write over the same guest pages of `mem`
@@ -424,10 +497,13 @@ mod tests {
         parent.write_slice(&[0u8; 8], GuestAddress(0x3000)).unwrap();
         let mut buf = [0u8; 8];
         parent.read_slice(&mut buf, GuestAddress(0x5000)).unwrap();
-        let runs = own_pages(&parent, &[]).unwrap();
+        let own = own_pages(&parent, &[]).unwrap();
+        let runs = runs_of(&own);
         assert_eq!(runs, vec![PageRun { first: 1, pages: 3 }], "written pages only, the gap joined");
+        let mut builder = ImageBuilder::new(&parent).unwrap();
         // SAFETY: nothing else uses `parent` in this test.
-        let image = unsafe { capture(&parent, &runs) }.unwrap();
+        unsafe { builder.copy(&parent, &pages_of(&runs, own.len()), Zeros::Skip) }.unwrap();
+        let image = builder.seal(runs).unwrap();
         assert_eq!(image.data_bytes, PAGE as u64, "zero pages are holes");
         let child = private_file_mapping(File::open(&path).unwrap(), 4 << 20).unwrap();
         // SAFETY: `child` is fresh and unused by any VM or reference.
@@ -444,7 +520,7 @@ mod tests {
         parent.read_slice(&mut buf[..6], GuestAddress(0x1000)).unwrap();
         assert_eq!(&buf[..6], b"parent", "a child's write stays its own");
         let again = own_pages(&parent, &[PageRun { first: 1, pages: 3 }]).unwrap();
-        assert_eq!(again, vec![PageRun { first: 1, pages: 3 }], "the overlay counts as the VM's own");
+        assert_eq!(runs_of(&again), vec![PageRun { first: 1, pages: 3 }], "the overlay counts as the VM's own");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

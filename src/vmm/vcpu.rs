@@ -178,14 +178,28 @@ impl VcpuHandle {
 
     /// Sends a command, kicks the thread, and waits (bounded) for its reply.
     pub fn command(&self, cmd: VcpuCommand, timeout: Duration) -> Result<VcpuReply, String> {
-        let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        self.post(cmd)?;
+        self.reply(timeout)
+    }
+
+    /// Sends a command and kicks the thread without waiting; [`Self::reply`]
+    /// takes the answer. Lets many vCPUs act at once (a fork resumes all its
+    /// children together). Only the owner of the handle calls these.
+    pub fn post(&self, cmd: VcpuCommand) -> Result<(), String> {
         self.tx.send(cmd).map_err(|_| format!("vCPU {} thread is gone", self.index))?;
+        self.kick();
+        Ok(())
+    }
+
+    /// Waits (bounded) for the answer to the last [`Self::post`], kicking
+    /// the thread again while it runs guest code.
+    pub fn reply(&self, timeout: Duration) -> Result<VcpuReply, String> {
+        let rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
         let (index, deadline) = (self.index, std::time::Instant::now() + timeout);
         loop {
-            self.kick();
             match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(reply) => return Ok(reply),
-                Err(RecvTimeoutError::Timeout) if std::time::Instant::now() < deadline => continue,
+                Err(RecvTimeoutError::Timeout) if std::time::Instant::now() < deadline => self.kick(),
                 Err(RecvTimeoutError::Timeout) => return Err(format!("vCPU {index} did not answer within {timeout:?}")),
                 Err(RecvTimeoutError::Disconnected) => return Err(format!("vCPU {index} thread is gone")),
             }

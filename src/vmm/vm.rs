@@ -296,6 +296,23 @@ impl Vm {
         Ok(replies)
     }
 
+    /// Lets every vCPU of every VM in `vms` run, all at once: each is told
+    /// before any answer is awaited, so ones already running do not delay
+    /// the rest (a fork's children).
+    pub fn resume_together(vms: &[&Vm]) -> Result<(), VmmError> {
+        let all = || vms.iter().flat_map(|vm| vm.vcpus.iter());
+        for v in all() {
+            v.post(VcpuCommand::Resume).map_err(VmmError::Vcpu)?;
+        }
+        for v in all() {
+            match v.reply(Duration::from_secs(5)).map_err(VmmError::Vcpu)? {
+                VcpuReply::Resumed => {}
+                other => return Err(VmmError::Vcpu(format!("unexpected vCPU reply {other:?}"))),
+            }
+        }
+        Ok(())
+    }
+
     /// Lets every vCPU run.
     pub fn resume(&self) -> Result<(), VmmError> {
         self.all_vcpus(|| VcpuCommand::Resume, |r| matches!(r, VcpuReply::Resumed)).map(|_| ())
@@ -318,26 +335,59 @@ impl Vm {
         Ok(MachineState { vm, vcpus, devices: self.devices.save() })
     }
 
-    /// Captures this running VM for a fork and lets it run on: pauses it,
-    /// holds its device thread, saves its state, copies its own pages (not
-    /// the template's; zero pages skipped) into an image, maps that image
-    /// copy-on-write over its own RAM too (so parent and children share the
-    /// pages, and the next fork copies from one image, never a chain), and
-    /// resumes it. The parent is stopped for the save, the copy and the
-    /// remap; children are restored from the result without it.
+    /// Captures this running VM for a fork and lets it run on. With the
+    /// device thread held throughout (no device writes guest RAM or changes
+    /// state), KVM's dirty log on, and the guest still running, it copies
+    /// the VM's own pages (not the template's; zero pages skipped) into an
+    /// image. Then it pauses the vCPUs, copies again what the guest wrote
+    /// meanwhile, saves the state, maps the image copy-on-write over the
+    /// VM's own RAM too (parent and children share those pages, and the next
+    /// fork copies from one image, never a chain) and resumes. Where KVM has
+    /// no dirty log, everything is copied paused.
     pub fn capture_for_fork(&self) -> Result<ForkSource, VmmError> {
         let _one_fork = self.forking.lock().unwrap_or_else(PoisonError::into_inner);
-        let started = Instant::now();
+        let _devices_still = self.devices.hold();
+        let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut image = memory::ImageBuilder::new(&self.mem)?;
+        let logging = memory::set_dirty_log(&self.vm_fd, &self.mem, true).is_ok();
+        let mut copied = None;
+        if logging {
+            let own = memory::own_pages(&self.mem, &overlay)?;
+            let pre = memory::pages_of(&memory::runs_of(&own), own.len());
+            // SAFETY: `mem` stays mapped; what the running guest writes
+            // meanwhile is in the dirty log and copied again below.
+            unsafe { image.copy(&self.mem, &pre, memory::Zeros::Skip) }?;
+            copied = Some(pre);
+        }
+        let paused_at = Instant::now();
         self.pause()?;
         let captured = (|| {
-            let _devices_still = self.devices.hold();
+            let mut own = memory::own_pages(&self.mem, &overlay)?;
+            let again = match &copied {
+                Some(pre) => {
+                    let dirty = memory::dirty_pages(&self.vm_fd, &self.mem)?;
+                    for (o, (d, p)) in own.iter_mut().zip(dirty.iter().zip(pre)) {
+                        *o |= *d || *p;
+                    }
+                    let runs = memory::runs_of(&own);
+                    let all = memory::pages_of(&runs, own.len());
+                    // Written since the pre-copy, or newly inside a run.
+                    let again: Vec<bool> = all.iter().zip(dirty.iter().zip(pre)).map(|(a, (d, p))| *a && (*d || !*p)).collect();
+                    (runs, again, memory::Zeros::Write)
+                }
+                None => {
+                    let runs = memory::runs_of(&own);
+                    let all = memory::pages_of(&runs, own.len());
+                    (runs, all, memory::Zeros::Skip)
+                }
+            };
+            let (runs, pages, zeros) = again;
+            // SAFETY: the vCPUs are paused and the device thread is held, so
+            // nothing writes guest RAM now.
+            unsafe { image.copy(&self.mem, &pages, zeros) }?;
             let machine = self.save_state()?;
             let channel = self.channel.seed();
-            let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
-            let runs = memory::own_pages(&self.mem, &overlay)?;
-            // SAFETY: the vCPUs are paused and the device thread is held
-            // (`_devices_still`), so nothing writes guest RAM meanwhile.
-            let image = unsafe { memory::capture(&self.mem, &runs) }?;
+            let image = image.seal(runs)?;
             // SAFETY: as above; the image holds exactly what those pages
             // hold now, so the guest sees no change.
             unsafe { memory::map_image(&self.mem, &image) }?;
@@ -345,7 +395,11 @@ impl Vm {
             Ok::<_, VmmError>((machine, channel, image))
         })();
         let resumed = self.resume();
-        let paused = started.elapsed();
+        let paused = paused_at.elapsed();
+        if logging {
+            // Off again, with the guest running: it only drops the log.
+            let _ = memory::set_dirty_log(&self.vm_fd, &self.mem, false);
+        }
         let (machine, channel, image) = captured?;
         resumed?;
         Ok(ForkSource { machine, channel, image, ram_bytes: memory::ram_bytes(&self.mem), paused })
