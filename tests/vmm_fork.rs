@@ -120,6 +120,42 @@ fn children_start_from_the_parent_and_are_isolated_to_any_depth() {
 }
 
 #[test]
+fn a_guest_writing_while_it_forks_gives_consistent_children() {
+    // A REPL thread appends 1, 2, 3, ... to a fresh 4 MiB buffer (a slow
+    // page fault per new page here, so it writes for seconds) while the
+    // parent forks. A consistent copy holds 1..=k, then only zeros; a copy
+    // that missed writes the running guest made during the capture would
+    // have a hole (the child's thread goes on after the hole, never back).
+    let Some(f) = factory() else { return };
+    let _one = serial();
+    let parent = create(f, "default");
+    py(
+        &parent,
+        "import threading, time\n\
+         log = memoryview(bytearray(4 << 20)).cast('Q')\n\
+         def append():\n\
+         \x20   for i in range(len(log)):\n\
+         \x20       log[i] = i + 1\n\
+         threading.Thread(target=append, daemon=True).start()\n\
+         while log[1024] == 0: time.sleep(0.01)\n\
+         None",
+    );
+    let check = "import sys\nsys.setswitchinterval(100)\n\
+                 k = next((i for i, x in enumerate(log) if x == 0), len(log))\n\
+                 ok = all(x == i + 1 for i, x in enumerate(log[:k])) and not any(log[k:])\n\
+                 sys.setswitchinterval(0.005)\nprint(ok, k)";
+    let mut ks = Vec::new();
+    for round in 0..3 {
+        for k in fork(&parent, 1) {
+            let out = py(&k, check);
+            assert!(out.starts_with("True "), "round {round}: the child's log has a hole: {out}");
+            ks.push(out);
+        }
+    }
+    eprintln!("log lengths seen by the children: {ks:?}");
+}
+
+#[test]
 fn every_child_draws_its_own_random_numbers() {
     let Some(f) = factory() else { return };
     let _one = serial();
