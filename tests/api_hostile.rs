@@ -642,6 +642,10 @@ fn stream_client_that_stops_reading_is_drained() {
     let code = format!("{}done", "BIG 1000000\n".repeat(10));
     let body = serde_json::json!({ "code": code, "language": "bash" }).to_string();
     r.get_mut().write_all(&req("POST", &format!("/v1/sandboxes/{sb}/exec"), "", body.as_bytes())).unwrap();
+    // Its status line proves the server took this exec first; then stop reading.
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     // The next exec on the sandbox queues behind it and completes once the
     // abandoned stream has been drained (its events still reach replay).
     let t0 = Instant::now();
