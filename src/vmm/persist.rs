@@ -61,8 +61,8 @@ pub fn restore(kvm: &Kvm, name: &str, rootfs: File, memory: File, snap: &Snapsho
 
 
 /// Restores one fork child of the VM `source` was captured from: the
-/// template's memory file mapped `MAP_PRIVATE` with the source's image laid
-/// over it (both shared until the child writes), its saved state, a channel
+/// template's memory file mapped `MAP_PRIVATE` with the source's image layers
+/// laid over it (both shared until the child writes), its saved state, a channel
 /// continuing the parent's. The child stays paused: a fork resumes all its
 /// children at the end, so running ones do not slow the restore of the rest.
 pub fn restore_fork_child(
@@ -73,7 +73,11 @@ pub fn restore_fork_child(
     source: &vm::ForkSource,
 ) -> Result<Vm, VmmError> {
     let mem = memory::private_file_mapping(template_memory, source.ram_bytes)?;
-    // SAFETY: `mem` is a fresh mapping no VM uses yet and nobody references.
-    unsafe { memory::map_image(&mem, &source.image) }?;
+    for (run, k) in &source.plan {
+        let layer = source.layers.get(*k).ok_or_else(|| memory::MemoryError::Map(format!("fork plan names layer {k} of {}", source.layers.len())))?;
+        // SAFETY: `mem` is a fresh mapping no VM uses yet and nobody
+        // references.
+        unsafe { memory::map_image_runs(&mem, layer, std::slice::from_ref(run)) }?;
+    }
     Vm::restore_fork_child(kvm, name, rootfs, mem, source)
 }

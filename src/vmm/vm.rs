@@ -29,6 +29,18 @@ use crate::devices::GuestMemory;
 use crate::seccomp::{self, ThreadKind};
 
 const TSS_ADDR: usize = 0xfffb_d000;
+
+/// Fork image layers a VM stacks over its template before its next fork
+/// folds them into one. Each layer adds its runs as mappings to every VM
+/// that maps it, and keeps pages alive that later layers cover; a fork that
+/// folds pays a full copy of the VM's own pages once.
+pub const MAX_FORK_LAYERS: usize = 8;
+
+/// Mappings a VM's layers may add in all (the runs of their
+/// [`memory::layer_plan`]) before its next fork folds them, whatever their
+/// number, so the mappings per VM stay bounded (see
+/// the factory's `vm.max_map_count`).
+pub const MAX_LAYER_RUNS: usize = 384;
 const CONSOLE_LOG_BYTES: usize = 64 << 10;
 
 /// What a VM is made of, apart from its memory.
@@ -65,8 +77,19 @@ pub struct ForkSource {
     pub machine: MachineState,
     /// Where each child's channel starts.
     pub channel: ChannelSeed,
-    /// The VM's own pages, mapped over the template in parent and children.
-    pub image: memory::ForkImage,
+    /// The image layers, in order, a child maps over the template (the last
+    /// one new with this fork, unless the parent wrote nothing since its
+    /// previous fork).
+    pub layers: Vec<Arc<memory::ForkImage>>,
+    /// What a child maps, computed once: runs of guest pages and the layer
+    /// each comes from ([`memory::layer_plan`]).
+    pub plan: Vec<(memory::PageRun, usize)>,
+    /// Non-zero bytes this fork copied into its new layer.
+    pub copied_bytes: u64,
+    /// Mappings the new layer adds to each VM.
+    pub copied_runs: usize,
+    /// Whether this fork folded the parent's layers into one.
+    pub folded: bool,
     /// Guest RAM size.
     pub ram_bytes: u64,
     /// How long the parent's vCPUs were stopped.
@@ -83,9 +106,10 @@ pub struct Vm {
     channel: Channel,
     status: Arc<VmStatus>,
     console_log: Arc<ConsoleLog>,
-    /// The runs of guest RAM mapped from a fork image rather than from the
-    /// template file (empty until this VM forks or if it is a fork child).
-    overlay: Mutex<Vec<memory::PageRun>>,
+    /// The fork image layers mapped over the template file, in order
+    /// (empty until this VM forks or, for a fork child, its parent's).
+    /// Holding them keeps their files open for the next fork's children.
+    overlay: Mutex<Vec<Arc<memory::ForkImage>>>,
     /// One fork of this VM at a time.
     forking: Mutex<()>,
     // Order matters for teardown: the VM fd (and with it every memory slot)
@@ -210,7 +234,7 @@ impl Vm {
         source: &ForkSource,
     ) -> Result<Vm, VmmError> {
         let vm = Vm::restore_with(kvm, name, rootfs, mem, &source.machine, Channel::start_from(&source.channel))?;
-        *vm.overlay.lock().unwrap_or_else(PoisonError::into_inner) = source.image.runs.clone();
+        *vm.overlay.lock().unwrap_or_else(PoisonError::into_inner) = source.layers.clone();
         Ok(vm)
     }
 
@@ -338,21 +362,30 @@ impl Vm {
     /// Captures this running VM for a fork and lets it run on. With the
     /// device thread held throughout (no device writes guest RAM or changes
     /// state), KVM's dirty log on, and the guest still running, it copies
-    /// the VM's own pages (not the template's; zero pages skipped) into an
-    /// image. Then it pauses the vCPUs, copies again what the guest wrote
-    /// meanwhile, saves the state, maps the image copy-on-write over the
-    /// VM's own RAM too (parent and children share those pages, and the next
-    /// fork copies from one image, never a chain) and resumes. Where KVM has
+    /// the pages the VM wrote since its last fork (anonymous ones; zero
+    /// pages skipped) into a new image layer. Then it pauses the vCPUs,
+    /// copies again what the guest wrote meanwhile, saves the state, maps
+    /// the layer copy-on-write over the VM's own RAM too (parent and
+    /// children share those pages) and resumes. Children map the template,
+    /// then, run by run, the topmost layer holding each page. A VM with
+    /// [`MAX_FORK_LAYERS`] layers (or [`MAX_LAYER_RUNS`] mappings for them)
+    /// folds them into one (copying every page that is not the template's), so
+    /// neither the chain nor the mappings grow without bound. Where KVM has
     /// no dirty log, everything is copied paused.
     pub fn capture_for_fork(&self) -> Result<ForkSource, VmmError> {
         let _one_fork = self.forking.lock().unwrap_or_else(PoisonError::into_inner);
         let _devices_still = self.devices.hold();
         let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
+        let pages = (memory::ram_bytes(&self.mem) / memory::PAGE_BYTES) as usize;
+        let fold = overlay.len() >= MAX_FORK_LAYERS || memory::layer_plan(&overlay, pages).len() >= MAX_LAYER_RUNS;
+        // Pages already in a layer count as the VM's own only when folding.
+        let below: Vec<memory::PageRun> =
+            if fold { overlay.iter().flat_map(|l| l.runs.iter().copied()).collect() } else { Vec::new() };
         let mut image = memory::ImageBuilder::new(&self.mem)?;
         let logging = memory::set_dirty_log(&self.vm_fd, &self.mem, true).is_ok();
         let mut copied = None;
         if logging {
-            let own = memory::own_pages(&self.mem, &overlay)?;
+            let own = memory::own_pages(&self.mem, &below)?;
             let pre = memory::pages_of(&memory::runs_of(&own), own.len());
             // SAFETY: `mem` stays mapped; what the running guest writes
             // meanwhile is in the dirty log and copied again below.
@@ -362,8 +395,8 @@ impl Vm {
         let paused_at = Instant::now();
         self.pause()?;
         let captured = (|| {
-            let mut own = memory::own_pages(&self.mem, &overlay)?;
-            let again = match &copied {
+            let mut own = memory::own_pages(&self.mem, &below)?;
+            let (runs, pages, zeros) = match &copied {
                 Some(pre) => {
                     let dirty = memory::dirty_pages(&self.vm_fd, &self.mem)?;
                     for (o, (d, p)) in own.iter_mut().zip(dirty.iter().zip(pre)) {
@@ -381,18 +414,23 @@ impl Vm {
                     (runs, all, memory::Zeros::Skip)
                 }
             };
-            let (runs, pages, zeros) = again;
             // SAFETY: the vCPUs are paused and the device thread is held, so
             // nothing writes guest RAM now.
             unsafe { image.copy(&self.mem, &pages, zeros) }?;
             let machine = self.save_state()?;
             let channel = self.channel.seed();
-            let image = image.seal(runs)?;
-            // SAFETY: as above; the image holds exactly what those pages
-            // hold now, so the guest sees no change.
-            unsafe { memory::map_image(&self.mem, &image) }?;
-            *overlay = image.runs.clone();
-            Ok::<_, VmmError>((machine, channel, image))
+            let (copied_bytes, copied_runs) = (image.data_bytes(), runs.len());
+            if !runs.is_empty() {
+                let layer = Arc::new(image.seal(runs)?);
+                // SAFETY: as above; the layer holds exactly what those pages
+                // hold now, so the guest sees no change.
+                unsafe { memory::map_image(&self.mem, &layer) }?;
+                if fold {
+                    overlay.clear();
+                }
+                overlay.push(layer);
+            }
+            Ok::<_, VmmError>((machine, channel, overlay.clone(), copied_bytes, copied_runs))
         })();
         let resumed = self.resume();
         let paused = paused_at.elapsed();
@@ -400,9 +438,20 @@ impl Vm {
             // Off again, with the guest running: it only drops the log.
             let _ = memory::set_dirty_log(&self.vm_fd, &self.mem, false);
         }
-        let (machine, channel, image) = captured?;
+        let (machine, channel, layers, copied_bytes, copied_runs) = captured?;
         resumed?;
-        Ok(ForkSource { machine, channel, image, ram_bytes: memory::ram_bytes(&self.mem), paused })
+        let plan = memory::layer_plan(&layers, pages);
+        Ok(ForkSource {
+            machine,
+            channel,
+            layers,
+            plan,
+            copied_bytes,
+            copied_runs,
+            folded: fold,
+            ram_bytes: memory::ram_bytes(&self.mem),
+            paused,
+        })
     }
 
     /// Guest memory.
