@@ -1,6 +1,7 @@
 //! fork(n) on real VMs restored from the cached template snapshots: children
 //! start from the parent's memory, processes and files and share nothing
-//! written afterwards, to any depth; each draws its own random numbers; a
+//! written afterwards, to any depth; image layers stack and fold into one;
+//! a guest writing during the capture gives consistent children; each draws its own random numbers; a
 //! background process runs on in every child; an exec running at fork time
 //! stays with the parent; fork(32) works; a fork past capacity leaves nothing
 //! behind; fork/close cycles leave fds, threads, mappings and memory flat.
@@ -117,6 +118,49 @@ fn children_start_from_the_parent_and_are_isolated_to_any_depth() {
     assert_eq!(py(&again[0], STATE), "3 parent3");
     assert_eq!(py(&parent, STATE), "3 parent3");
     assert_eq!(py(&kids[0], STATE), "2 child0");
+}
+
+#[test]
+fn layers_stack_over_generations_and_fold_into_one() {
+    // Each fork of a VM that wrote since its last adds an image layer; a
+    // child maps them all in order. Past MAX_FORK_LAYERS they fold into
+    // one. Through it all a child sees exactly the parent's state: a value
+    // rewritten in every step, and one written in the first step only.
+    let Some(f) = factory() else { return };
+    let _one = serial();
+    let parent = create(f, "default");
+    py(&parent, "first = 'kept'\nopen('/root/f', 'w').write('step0')");
+    let max = podflare_hostd::vmm::vm::MAX_FORK_LAYERS;
+    let mut layers = Vec::new();
+    let mut folded_at = None;
+    for step in 1..=max + 2 {
+        py(&parent, &format!("x = {step}\nopen('/root/f', 'w').write('step{step}')"));
+        let specs = [spec("default", "sbx_child")];
+        let (kids, fig) = parent.fork_running(&specs).expect("fork");
+        layers.push(fig.layers);
+        if fig.folded {
+            folded_at.get_or_insert(step);
+        }
+        let seen = py(&kids[0], "print(first, x, open('/root/f').read())");
+        assert_eq!(seen, format!("kept {step} step{step}"), "fork {step} ({fig:?})");
+        if step == 3 {
+            // A child of a child maps its parent's layers plus its own.
+            py(&kids[0], "x = 'grand'");
+            let (grand, gfig) = kids[0].fork_running(&specs).expect("fork of a child");
+            assert_eq!(gfig.layers, fig.layers + 1, "{gfig:?}");
+            assert_eq!(py(&grand[0], "print(first, x, open('/root/f').read())"), "kept grand step3");
+        }
+    }
+    eprintln!("layers after each fork: {layers:?}; first fold at fork {folded_at:?}");
+    // One new layer per fork after a write, until a fork folds them (at the
+    // latest the one past `max` layers; sooner when their runs reach
+    // MAX_LAYER_RUNS), and on from one again.
+    let fold = folded_at.expect("a fold within max + 2 forks");
+    assert!(fold >= 2 && fold <= max + 1, "{layers:?}");
+    assert_eq!(layers[..fold - 1], (1..fold).collect::<Vec<_>>()[..], "one new layer per fork after a write");
+    assert_eq!(layers[fold - 1], 1, "folded into one");
+    assert_eq!(layers[fold], 2, "and stacking again");
+    assert_eq!(py(&parent, "print(first, x)"), format!("kept {}", max + 2));
 }
 
 #[test]
@@ -275,21 +319,40 @@ fn fork_close_cycles_leave_images_fds_threads_and_memory_flat() {
     let parent = create(f, "default");
     py(&parent, "data = bytearray(b'p' * 65536)");
     let round = |i: u64| {
-        let kids = fork(&parent, 1);
+        let specs = [spec("default", "sbx_child")];
+        let (kids, fig) = parent.fork_running(&specs).expect("fork");
         if i.is_multiple_of(25) {
             assert_eq!(py(&kids[0], "print(len(data))"), "65536");
         }
+        fig.folded
+    };
+    // The parent holds between one and MAX_FORK_LAYERS image layers (an fd
+    // and some mappings each) depending on where it is in the fold cycle:
+    // both measurements are taken right after a fold, with one layer. A
+    // parent that wrote nothing since its last fork adds no layer, so a few
+    // bytes are written to make each fork add one.
+    let max = podflare_hostd::vmm::vm::MAX_FORK_LAYERS as u64;
+    let until_fold = |from: u64| {
+        for i in from..from + max + 2 {
+            py(&parent, "data[0] ^= 1");
+            if round(i) {
+                return;
+            }
+        }
+        panic!("no fold within {} forks", max + 2);
     };
     // Warm-up: thread stacks, allocator pools, the parent's image in place.
     for i in 0..5 {
         round(i);
     }
+    until_fold(0);
     std::thread::sleep(Duration::from_millis(500));
     let base = (fds(), threads(), mappings(), common::rss_kib(), live_vms(f));
     let t = Instant::now();
     for i in 0..cycles {
         round(i);
     }
+    until_fold(cycles);
     std::thread::sleep(Duration::from_millis(500));
     podflare_hostd::vmm::memory::release_free_heap();
     let end = (fds(), threads(), mappings(), common::rss_kib(), live_vms(f));
@@ -309,8 +372,10 @@ fn fork_close_cycles_leave_images_fds_threads_and_memory_flat() {
     );
     assert!(end.0 <= base.0, "fds leaked: {} -> {}", base.0, end.0);
     assert!(end.1 <= base.1, "threads leaked: {} -> {}", base.1, end.1);
-    assert!(end.2 .0 <= base.2 .0 + 4, "mappings grew: {:?} -> {:?}", base.2, end.2);
-    assert!(end.2 .1 <= base.2 .1, "fork images stay mapped after their VMs went: {:?} -> {:?}", base.2, end.2);
+    // The folded layer's runs may differ by a few (what the parent wrote
+    // meanwhile); a leak per cycle would add hundreds.
+    assert!(end.2 .0 <= base.2 .0 + 16, "mappings grew: {:?} -> {:?}", base.2, end.2);
+    assert!(end.2 .1 <= base.2 .1 + 16, "fork images stay mapped after their VMs went: {:?} -> {:?}", base.2, end.2);
     assert_eq!(end.4, base.4, "places not released");
     // Each cycle maps a child's RAM; a leak of one child's pages per cycle
     // (at least 64 KiB of parent state) would add > 12 MiB over 200.
