@@ -10,10 +10,16 @@
 //! the one vCPU, and every operation's result is checked against a known
 //! answer:
 //! - with the sandbox's own environment: zero mismatches over >= 10,000
-//!   operations (asserted, on PVM and on hardware KVM alike);
+//!   operations, >= 5,000 per worker (asserted, on PVM and on hardware KVM
+//!   alike);
 //! - with the protecting variables removed: the mismatch count is printed as
 //!   evidence (on PVM it is expected to be non-zero); only that the run
-//!   completed and counted operations is asserted.
+//!   completed and counted operations is asserted (it asks for fewer).
+//!
+//! Machines differ a lot in how fast they emulate the guest kernel, so the
+//! waits are generous and set by `PODFLARE_TEST_WAIT_S` (default 1800: the
+//! longest one exec may take) and `PODFLARE_VECTOR_PATIENCE_S` (default 600:
+//! how long past its 10 s a worker may go on to reach its operation count).
 //!
 //! The cost of the protections (numpy 512x512 matmul, 64 MiB copy, each the
 //! median of 15, one process alone on the vCPU) is measured in
@@ -35,8 +41,10 @@ use serde_json::Value;
 const CHECK_PY: &str = include_str!("guest/vector_check.py");
 /// Seconds each worker pair runs (after setup), and operations per worker.
 const CHECK_SECONDS: f64 = 10.0;
-const MIN_OPS_PER_WORKER: u64 = 6000;
+const MIN_OPS_PER_WORKER: u64 = 5000;
 const MIN_OPS: u64 = 10_000;
+/// The unprotected run is evidence, not a gate: it asks for fewer.
+const EVIDENCE_OPS_PER_WORKER: u64 = 1500;
 const PROTECT_VARS: [&str; 5] =
     ["GLIBC_TUNABLES", "NPY_DISABLE_CPU_FEATURES", "OPENBLAS_CORETYPE", "MKL_ENABLE_INSTRUCTIONS", "OPENSSL_ia32cap"];
 
@@ -67,10 +75,15 @@ struct Output {
     code: i32,
 }
 
+fn env_secs(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 fn collect(rx: StreamRx<ExecChunk>) -> Output {
     let mut out = Output { stdout: String::new(), stderr: String::new(), code: -1 };
+    let wait = env_secs("PODFLARE_TEST_WAIT_S", 1800);
     loop {
-        match rx.recv_timeout(Duration::from_secs(900)).expect("exec produced no result in 900 s") {
+        match rx.recv_timeout(Duration::from_secs(wait)).unwrap_or_else(|e| panic!("exec produced no result in {wait} s: {e}")) {
             ExecChunk::Stdout(b) => out.stdout.push_str(&String::from_utf8_lossy(&b)),
             ExecChunk::Stderr(b) => out.stderr.push_str(&String::from_utf8_lossy(&b)),
             ExecChunk::Exit(c) => {
@@ -109,11 +122,13 @@ fn sandbox(f: &VmFactory, template: &str) -> impl Guest {
 /// seconds of Python start and numpy import again).
 fn check(g: &dyn Guest, unprotected: bool, cost: bool) -> Value {
     let py_bool = |b: bool| if b { "True" } else { "False" };
+    let min_ops = if unprotected { EVIDENCE_OPS_PER_WORKER } else { MIN_OPS_PER_WORKER };
+    let patience = env_secs("PODFLARE_VECTOR_PATIENCE_S", 600);
     py_json(
         g,
         &format!(
             "import json\nprint(json.dumps(vector_check.check(unprotected={}, seconds={CHECK_SECONDS}, \
-             min_ops={MIN_OPS_PER_WORKER}, cost={})))",
+             min_ops={min_ops}, cost={}, patience={patience})))",
             py_bool(unprotected),
             py_bool(cost)
         ),
@@ -189,8 +204,10 @@ fn vectors_stay_private(template: &str, numpy: bool) {
         by_op(&q)
     );
     assert!(protections_on(&q).is_empty(), "unprotected run still had protections: {q}");
-    assert!(ops >= MIN_OPS, "unprotected run did only {ops} operations: {q}");
     assert_eq!(q["workers"].as_array().map(Vec::len), Some(2), "{q}");
+    for w in q["workers"].as_array().into_iter().flatten() {
+        assert!(u(w, "ops") > 0, "an unprotected worker counted nothing: {w}");
+    }
     if pvm && bad == 0 {
         eprintln!("vector-check {template}: WARNING: no corruption provoked without protections this time");
     }
