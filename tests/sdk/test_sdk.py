@@ -16,9 +16,16 @@ from podflare import Client, Sandbox
 URL = os.environ["PODFLARE_HOSTD_URL"]
 
 
+# The SDK reads with a 30 s timeout by default; on a host that emulates the
+# guest kernel an 8 MB upload (one exec that prints nothing until it is
+# done) can take longer, and the SDK would time out and retry it. Waits here
+# are generous and settable.
+WAIT_S = float(os.environ.get("PODFLARE_TEST_WAIT_S", "600"))
+
+
 @pytest.fixture(scope="module")
 def client():
-    c = Client(host=URL)
+    c = Client(host=URL, timeout=WAIT_S)
     yield c
     c.close()
 
