@@ -397,8 +397,8 @@ pub unsafe fn map_image(mem: &GuestMemory, image: &ForkImage) -> Result<(), Memo
     unsafe { map_image_runs(mem, image, &image.runs) }
 }
 
-/// Maps `runs` of `image` (each inside its own runs) copy-on-write over the
-/// same guest pages of `mem`.
+/// Maps the guest pages `runs` of `image` (pages the image holds: a layer
+/// plan's runs for that layer) copy-on-write over the same pages of `mem`.
 ///
 /// # Safety
 /// As [`map_image`].

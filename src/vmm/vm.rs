@@ -396,7 +396,7 @@ impl Vm {
         self.pause()?;
         let captured = (|| {
             let mut own = memory::own_pages(&self.mem, &below)?;
-            let (runs, pages, zeros) = match &copied {
+            let (runs, to_copy, zeros) = match &copied {
                 Some(pre) => {
                     let dirty = memory::dirty_pages(&self.vm_fd, &self.mem)?;
                     for (o, (d, p)) in own.iter_mut().zip(dirty.iter().zip(pre)) {
@@ -416,7 +416,7 @@ impl Vm {
             };
             // SAFETY: the vCPUs are paused and the device thread is held, so
             // nothing writes guest RAM now.
-            unsafe { image.copy(&self.mem, &pages, zeros) }?;
+            unsafe { image.copy(&self.mem, &to_copy, zeros) }?;
             let machine = self.save_state()?;
             let channel = self.channel.seed();
             let (copied_bytes, copied_runs) = (image.data_bytes(), runs.len());
