@@ -1,5 +1,5 @@
 //! podflare-hostd: settings -> start-up safety check -> seccomp probe -> VMM ->
-//! bind -> serve.
+//! bind -> serve -> tell the service manager it is ready.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use nix::sys::signal::{SigSet, Signal};
 
 use podflare_hostd::api::{self, Gate};
-use podflare_hostd::obs::Logger;
+use podflare_hostd::obs::{notify, Logger};
 use podflare_hostd::config::{AuthMode, Config};
 use podflare_hostd::sandbox::Controller;
 use podflare_hostd::seccomp;
@@ -116,6 +116,9 @@ fn main() -> ExitCode {
         AuthMode::Disabled => "DISABLED".into(),
     };
     log.info("serving", &[("addr", json!(server.addr().to_string())), ("auth", json!(mode))]);
+    // Sent from the main thread, which has no seccomp filter: socket(2) is
+    // on no thread kind's allow-list.
+    tell_manager(&log, &notify::ready_message(&server.addr().to_string()));
     let (stopper, log2) = (server.stopper(), log.clone());
     let spawned = std::thread::Builder::new()
         .name("signals".into())
@@ -149,6 +152,8 @@ fn on_stop_signal(signals: SigSet, controller: &Controller, stopper: &api::Stopp
         }
     };
     log.info("shutting down", &[("signal", json!(sig.as_str()))]);
+    // This thread was started by main, so it too runs unfiltered.
+    tell_manager(log, notify::STOPPING);
     let bound_log = log.clone();
     let _ = std::thread::Builder::new().name("shutdown-bound".into()).spawn(move || {
         std::thread::sleep(SHUTDOWN_BOUND);
@@ -158,6 +163,15 @@ fn on_stop_signal(signals: SigSet, controller: &Controller, stopper: &api::Stopp
     let n = controller.manager().destroy_all(&format!("hostd is shutting down ({})", sig.as_str()));
     log.info("sandboxes destroyed", &[("count", json!(n))]);
     stopper.stop();
+}
+
+/// Sends `state` to the service manager when one started hostd as a notify
+/// service; a failure is logged, never fatal (hostd serves either way).
+fn tell_manager(log: &Logger, state: &str) {
+    if let Err(e) = notify::notify(state) {
+        // The message names the socket and carries the kernel's cause.
+        log.warn("cannot notify the service manager", &[("cause", json!(e.to_string()))]);
+    }
 }
 
 /// An error with its sources, `outer: inner: ...`.
