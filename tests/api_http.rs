@@ -112,8 +112,10 @@ const MALFORMED: &[(&str, &str, &str, u16, &str)] = &[
     ("POST", "/v1/sandboxes/{sb}/merge_into/{sb}", "", 400, "winner"),
     ("POST", "/v1/sandboxes/{sb}/merge_into/{gone}", "", 404, "unknown sandbox"),
     ("POST", "/v1/sandboxes/{gone}/merge_into/{sb}", "", 404, "unknown sandbox"),
-    ("GET", "/v1/sandboxes", "", 405, "POST"),
-    ("PUT", "/v1/sandboxes/{sb}", "", 405, "DELETE"),
+    ("PUT", "/v1/sandboxes", "", 405, "GET, POST"),
+    ("PUT", "/v1/sandboxes/{sb}", "", 405, "DELETE, GET"),
+    ("GET", "/v1/sandboxes/{gone}", "", 404, "unknown sandbox"),
+    ("POST", "/metrics", "", 405, "GET"),
     ("GET", "/v1/sandboxes/{sb}/exec", "", 405, "POST"),
     ("POST", "/v1/sandboxes/{sb}/replay", "", 405, "GET"),
     ("POST", "/v1/healthz", "", 405, "GET"),
@@ -359,4 +361,75 @@ fn request_log_lines() {
     assert_eq!(line["trace"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert!(line["ms"].is_u64());
     assert!(!logs.iter().any(|l| l.contains(KEY) || l.contains("wrong-secret-key")), "keys never logged");
+}
+
+#[test]
+fn sandbox_listing_and_one_sandbox() {
+    let srv = start();
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let a = create(srv.addr, r#"{"timeout_seconds": 100, "idle_timeout_seconds": 50}"#);
+    let b = create(srv.addr, r#"{"egress": false, "persistent": true}"#);
+    let r = call(srv.addr, "GET", "/v1/sandboxes", "");
+    assert_eq!((r.status(), r.head.header("content-type")), (200, Some("application/json")));
+    let list = r.json();
+    let ids: Vec<&str> = list["sandboxes"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [a.as_str(), b.as_str()], "oldest first");
+    let one = call(srv.addr, "GET", &format!("/v1/sandboxes/{a}"), "").json();
+    assert_eq!(one, list["sandboxes"][0], "the listing and the single view agree");
+    assert_eq!((one["template"].as_str(), one["state"].as_str()), (Some("default"), Some("ready")));
+    assert_eq!((one["persistent"].as_bool(), one["egress"].as_bool()), (Some(false), Some(true)));
+    assert_eq!((list["sandboxes"][1]["persistent"].as_bool(), list["sandboxes"][1]["egress"].as_bool()), (Some(true), Some(false)));
+    let created = one["created_at_ms"].as_u64().unwrap();
+    assert!(created >= before.saturating_sub(1000) && created <= before + 60_000, "created_at_ms {created} vs {before}");
+    assert_eq!(one["expires_at_ms"].as_u64(), Some(created + 100_000));
+    assert_eq!(one["idle_expires_at_ms"].as_u64(), Some(created + 50_000), "no exec yet: idle since creation");
+    assert!(one["last_exec_at_ms"].is_null());
+    assert!(one["private_memory_bytes"].is_u64());
+    // After an exec the idle deadline counts from it.
+    let r = call(srv.addr, "POST", &format!("/v1/sandboxes/{a}/exec"), r#"{"code":"print(1)"}"#);
+    assert_eq!(r.status(), 200);
+    let one = call(srv.addr, "GET", &format!("/v1/sandboxes/{a}"), "").json();
+    let last = one["last_exec_at_ms"].as_u64().expect("last_exec_at_ms after an exec");
+    assert!(last >= created && one["idle_expires_at_ms"].as_u64().unwrap() >= last + 50_000 - 1000);
+    assert_eq!(call(srv.addr, "DELETE", &format!("/v1/sandboxes/{b}"), "").status(), 204);
+    assert_eq!(call(srv.addr, "GET", &format!("/v1/sandboxes/{b}"), "").status(), 404);
+    assert_eq!(call(srv.addr, "GET", "/v1/sandboxes", "").json()["sandboxes"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn metrics_count_operations_and_requests_behind_the_gate() {
+    let srv = start_with(test_config(), AuthMode::Keys(vec![KEY.into()]), 1);
+    let get = |auth: bool| {
+        let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+        let h = if auth { format!("Authorization: Bearer {KEY}\r\n") } else { String::new() };
+        std::io::Write::write_all(&mut s, format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{h}Connection: close\r\n\r\n").as_bytes()).unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+        out
+    };
+    assert!(get(false).starts_with("HTTP/1.1 401"), "metrics need a key like the rest of the API");
+    let a = create(srv.addr, "{}");
+    assert_eq!(call(srv.addr, "POST", "/v1/sandboxes", "{}").status(), 429, "a host of one sandbox is full");
+    assert_eq!(call(srv.addr, "DELETE", "/v1/sandboxes/sbx_nope", "").status(), 404);
+    assert_eq!(call(srv.addr, "DELETE", &format!("/v1/sandboxes/{a}"), "").status(), 204);
+    let text = get(true);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("content-type: application/openmetrics-text") || text.contains("Content-Type: application/openmetrics-text"), "{text}");
+    for want in [
+        r#"podflare_sandbox_operations_total{op="create",outcome="ok"} 1"#,
+        r#"podflare_sandbox_operations_total{op="create",outcome="refused"} 1"#,
+        r#"podflare_sandbox_operations_total{op="delete",outcome="rejected"} 1"#,
+        r#"podflare_sandbox_operations_total{op="delete",outcome="ok"} 1"#,
+        r#"podflare_admission_refusals_total{reason="sandbox_count"} 1"#,
+        r#"podflare_sandboxes_destroyed_total{reason="delete"} 1"#,
+        r#"podflare_http_requests_total{route="/v1/sandboxes",status="429"} 1"#,
+        r#"podflare_http_requests_total{route="/v1/sandboxes/{id}",status="404"} 1"#,
+        r#"podflare_http_requests_total{route="/metrics",status="401"} 1"#,
+        "podflare_create_duration_seconds_count 1",
+        "podflare_sandboxes_live 0",
+        "# EOF",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+    assert!(!text.contains("sbx_"), "no series names a sandbox");
 }

@@ -292,7 +292,7 @@ fn a_fork_past_capacity_is_refused_whole() {
     let (live, thr) = (live_vms(f), threads());
     let specs: Vec<GuestSpec> = (0..MAX_SANDBOXES).map(|i| spec("default", &format!("sbx_over{i}"))).collect();
     match parent.fork_running(&specs) {
-        Err(GuestError::Capacity(why)) => eprintln!("refused: {why}"),
+        Err(GuestError::Capacity(_, why)) => eprintln!("refused: {why}"),
         Err(e) => panic!("wrong error for a fork past capacity: {e}"),
         Ok(_) => panic!("a fork of {MAX_SANDBOXES} children next to a live parent was admitted"),
     }

@@ -119,7 +119,7 @@ impl From<SandboxError> for ApiError {
             SandboxError::MergeAcrossTemplates { .. } => ApiError::field("winner", &e),
             SandboxError::TooManyStreams { .. }
             | SandboxError::TooManySandboxStreams { .. }
-            | SandboxError::Capacity(_) => ApiError::Capacity(e.to_string()),
+            | SandboxError::Capacity(..) => ApiError::Capacity(e.to_string()),
             SandboxError::NotImplemented(_) => ApiError::NotImplemented(e.to_string()),
             SandboxError::Guest(ref g) => ApiError::Internal(format!("{e}: {g}")),
             SandboxError::Internal(why) => ApiError::Internal(why),

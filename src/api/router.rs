@@ -37,13 +37,16 @@ pub fn parse(method: &str, url: &str, body: &[u8]) -> Result<Action, ApiError> {
     let path = strip(url);
     let segs: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
     let s = |x: &str| x.to_string();
-    let wrong = |path: &'static str, allow: &'static str| {
+    let wrong = |path: &'static str, allow: &'static str| -> Result<Action, ApiError> {
         Err(ApiError::MethodNotAllowed { method: method.to_string(), path, allow })
     };
     match (method, segs.as_slice()) {
         ("GET", ["v1", "healthz"]) => Ok(Action::Healthz),
         ("GET", ["v1", "capacity"]) => Ok(Action::Capacity),
+        ("GET", ["metrics"]) => Ok(Action::Metrics),
+        ("GET", ["v1", "sandboxes"]) => Ok(Action::ListSandboxes),
         ("POST", ["v1", "sandboxes"]) => create(&Body::parse(body)?).map(Action::Create),
+        ("GET", ["v1", "sandboxes", id]) => Ok(Action::GetSandbox { id: s(id) }),
         ("DELETE", ["v1", "sandboxes", id]) => Ok(Action::Delete { id: s(id) }),
         ("POST", ["v1", "sandboxes", id, "exec"]) => exec(id, &Body::parse(body)?),
         ("POST", ["v1", "sandboxes", id, "fork"]) => {
@@ -95,24 +98,43 @@ pub fn parse(method: &str, url: &str, body: &[u8]) -> Result<Action, ApiError> {
             Ok(Action::PtyRead { id: s(id), pty: s(pty), params })
         }
         // Known paths, wrong method.
-        (_, ["v1", "healthz"]) => wrong("/v1/healthz", "GET"),
-        (_, ["v1", "capacity"]) => wrong("/v1/capacity", "GET"),
-        (_, ["v1", "sandboxes"]) => wrong("/v1/sandboxes", "POST"),
-        (_, ["v1", "sandboxes", _]) => wrong("/v1/sandboxes/{id}", "DELETE"),
-        (_, ["v1", "sandboxes", _, "exec"]) => wrong("/v1/sandboxes/{id}/exec", "POST"),
-        (_, ["v1", "sandboxes", _, "fork"]) => wrong("/v1/sandboxes/{id}/fork", "POST"),
-        (_, ["v1", "sandboxes", _, "merge_into", _]) => wrong("/v1/sandboxes/{id}/merge_into/{winner}", "POST"),
-        (_, ["v1", "sandboxes", _, "replay"]) => wrong("/v1/sandboxes/{id}/replay", "GET"),
-        (_, ["v1", "spaces", _, "resume"]) => wrong("/v1/spaces/{space}/resume", "POST"),
-        (_, ["v1", "spaces", _]) => wrong("/v1/spaces/{space}", "DELETE"),
-        (_, ["v1", "sandboxes", _, "pty"]) => wrong("/v1/sandboxes/{id}/pty", "GET, POST"),
-        (_, ["v1", "sandboxes", _, "pty", _, "input"]) => wrong("/v1/sandboxes/{id}/pty/{pty}/input", "POST"),
-        (_, ["v1", "sandboxes", _, "pty", _, "resize"]) => wrong("/v1/sandboxes/{id}/pty/{pty}/resize", "POST"),
-        (_, ["v1", "sandboxes", _, "pty", _, "kill"]) => wrong("/v1/sandboxes/{id}/pty/{pty}/kill", "POST"),
-        (_, ["v1", "sandboxes", _, "pty", _, "attach"]) => wrong("/v1/sandboxes/{id}/pty/{pty}/attach", "GET"),
-        (_, ["v1", "sandboxes", _, "pty", _, "read"]) => wrong("/v1/sandboxes/{id}/pty/{pty}/read", "POST"),
-        _ => Err(ApiError::NotFound(format!("no such route: {method} {path}"))),
+        (_, segs) => match known(segs) {
+            Some((template, allow)) => wrong(template, allow),
+            None => Err(ApiError::NotFound(format!("no such route: {method} {path}"))),
+        },
     }
+}
+
+/// The route template of a known path and the methods it allows.
+fn known(segs: &[&str]) -> Option<(&'static str, &'static str)> {
+    Some(match segs {
+        ["v1", "healthz"] => ("/v1/healthz", "GET"),
+        ["v1", "capacity"] => ("/v1/capacity", "GET"),
+        ["metrics"] => ("/metrics", "GET"),
+        ["v1", "sandboxes"] => ("/v1/sandboxes", "GET, POST"),
+        ["v1", "sandboxes", _] => ("/v1/sandboxes/{id}", "DELETE, GET"),
+        ["v1", "sandboxes", _, "exec"] => ("/v1/sandboxes/{id}/exec", "POST"),
+        ["v1", "sandboxes", _, "fork"] => ("/v1/sandboxes/{id}/fork", "POST"),
+        ["v1", "sandboxes", _, "merge_into", _] => ("/v1/sandboxes/{id}/merge_into/{winner}", "POST"),
+        ["v1", "sandboxes", _, "replay"] => ("/v1/sandboxes/{id}/replay", "GET"),
+        ["v1", "spaces", _, "resume"] => ("/v1/spaces/{space}/resume", "POST"),
+        ["v1", "spaces", _] => ("/v1/spaces/{space}", "DELETE"),
+        ["v1", "sandboxes", _, "pty"] => ("/v1/sandboxes/{id}/pty", "GET, POST"),
+        ["v1", "sandboxes", _, "pty", _, "input"] => ("/v1/sandboxes/{id}/pty/{pty}/input", "POST"),
+        ["v1", "sandboxes", _, "pty", _, "resize"] => ("/v1/sandboxes/{id}/pty/{pty}/resize", "POST"),
+        ["v1", "sandboxes", _, "pty", _, "kill"] => ("/v1/sandboxes/{id}/pty/{pty}/kill", "POST"),
+        ["v1", "sandboxes", _, "pty", _, "attach"] => ("/v1/sandboxes/{id}/pty/{pty}/attach", "GET"),
+        ["v1", "sandboxes", _, "pty", _, "read"] => ("/v1/sandboxes/{id}/pty/{pty}/read", "POST"),
+        _ => return None,
+    })
+}
+
+/// The route template of `url` (`/v1/sandboxes/{id}/exec`), or
+/// `"unmatched"`: a metrics label that never carries an id.
+pub fn route_template(url: &str) -> &'static str {
+    let path = strip(url);
+    let segs: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    known(&segs).map_or("unmatched", |(template, _)| template)
 }
 
 fn create(b: &Body) -> Result<CreateParams, ApiError> {
@@ -184,6 +206,14 @@ mod tests {
         assert_eq!(parse("POST", "/v1/sandboxes/a/merge_into/a", b"").unwrap_err().status(), 400);
         assert_eq!(parse("PUT", "/v1/sandboxes/a/exec", b"").unwrap_err().status(), 405);
         assert_eq!(parse("GET", "/v1/nope", b"").unwrap_err().status(), 404);
+        assert_eq!(parse("GET", "/metrics", b"").unwrap(), Action::Metrics);
+        assert_eq!(parse("GET", "/v1/sandboxes", b"").unwrap(), Action::ListSandboxes);
+        assert_eq!(parse("GET", "/v1/sandboxes/a", b"").unwrap(), Action::GetSandbox { id: "a".into() });
+        assert_eq!(parse("POST", "/metrics", b"").unwrap_err().status(), 405);
+        assert!(!is_public("GET", "/metrics"), "metrics are behind the gate");
+        assert_eq!(route_template("/v1/sandboxes/sbx_1/exec?x"), "/v1/sandboxes/{id}/exec");
+        assert_eq!(route_template("/v1/sandboxes/sbx_1/"), "/v1/sandboxes/{id}");
+        assert_eq!(route_template("/v1/sandboxes/sbx_1/nope"), "unmatched");
         assert!(is_public("GET", "/v1/healthz/"));
         assert!(!is_public("POST", "/v1/healthz"));
         let Action::PtyRead { params, .. } = parse("POST", "/v1/sandboxes/a/pty/p/read", br#"{"timeout_ms":99999}"#).unwrap() else {

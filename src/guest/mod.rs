@@ -71,8 +71,8 @@ pub enum GuestError {
     #[error("unknown template {0:?}")]
     UnknownTemplate(String),
     /// Host cannot take another sandbox now (memory or count).
-    #[error("host at capacity: {0}")]
-    Capacity(String),
+    #[error("host at capacity: {1}")]
+    Capacity(CapacityReason, String),
     /// The VM died or its channel broke.
     #[error("sandbox failed: {0}")]
     Failed(String),
@@ -82,6 +82,25 @@ pub enum GuestError {
     /// This kind of guest cannot do that.
     #[error("{0} is not supported by this guest")]
     Unsupported(&'static str),
+}
+
+/// Which limit refused a sandbox (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapacityReason {
+    /// `PODFLARE_MAX_SANDBOXES` live sandboxes already.
+    SandboxCount,
+    /// Host memory (`PODFLARE_MAX_GUEST_MEMORY_MIB`), or it cannot be read.
+    Memory,
+}
+
+impl CapacityReason {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CapacityReason::SandboxCount => "sandbox_count",
+            CapacityReason::Memory => "memory",
+        }
+    }
 }
 
 /// What a create asks for, after the API layer has validated and clamped it.
@@ -108,6 +127,11 @@ pub trait GuestFactory: Send + Sync {
     /// most until it is not. `None` when memory is fine.
     fn memory_pressure(&self) -> Option<u64> {
         None
+    }
+    /// Host CPU time used by the VMs' own threads (vCPUs, devices) since
+    /// start, ended threads included; zero for guests without threads.
+    fn vm_threads_cpu(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
     }
 }
 

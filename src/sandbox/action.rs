@@ -13,6 +13,15 @@ pub enum Action {
     Healthz,
     /// `GET /v1/capacity`.
     Capacity,
+    /// `GET /metrics`.
+    Metrics,
+    /// `GET /v1/sandboxes`.
+    ListSandboxes,
+    /// `GET /v1/sandboxes/{id}`.
+    GetSandbox {
+        /// Sandbox id.
+        id: String,
+    },
     /// `POST /v1/sandboxes`.
     Create(CreateParams),
     /// `DELETE /v1/sandboxes/{id}`.
@@ -122,8 +131,10 @@ impl Action {
     pub fn sandbox_id(&self) -> Option<&str> {
         match self {
             Action::Healthz | Action::Capacity | Action::Create(_) => None,
+            Action::Metrics | Action::ListSandboxes => None,
             Action::ResumeSpace { .. } | Action::DeleteSpace { .. } => None,
             Action::Delete { id }
+            | Action::GetSandbox { id }
             | Action::Exec { id, .. }
             | Action::Replay { id }
             | Action::Fork { id, .. }
@@ -145,6 +156,8 @@ pub enum Reply {
     Text(&'static str),
     /// 200 JSON.
     Json(serde_json::Value),
+    /// 200 metrics in the OpenMetrics text format.
+    Metrics(String),
     /// 204, no body.
     NoContent,
     /// 200 NDJSON, complete (already framed lines ending in `\n`).
@@ -158,6 +171,7 @@ impl std::fmt::Debug for Reply {
         match self {
             Reply::Text(t) => write!(f, "Text({t:?})"),
             Reply::Json(v) => write!(f, "Json({v})"),
+            Reply::Metrics(t) => write!(f, "Metrics({} bytes)", t.len()),
             Reply::NoContent => write!(f, "NoContent"),
             Reply::Ndjson(b) => write!(f, "Ndjson({} bytes)", b.len()),
             Reply::Stream(_) => write!(f, "Stream"),

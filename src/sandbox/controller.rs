@@ -34,6 +34,9 @@ impl Controller {
         match action {
             Action::Healthz => Ok(Reply::Text("ok")),
             Action::Capacity => Ok(Reply::Json(m.capacity())),
+            Action::Metrics => Ok(Reply::Metrics(m.metrics().render(m.metrics_snapshot()))),
+            Action::ListSandboxes => Ok(Reply::Json(m.list())),
+            Action::GetSandbox { id } => m.info(&id).map(Reply::Json),
             Action::Create(params) => {
                 let sb = m.create(&params)?;
                 let mut body = json!({ "id": sb.id(), "state": "ready" });

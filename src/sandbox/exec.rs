@@ -10,6 +10,7 @@ use super::instance::{ExecStartError, Sandbox, StreamSlot};
 use super::queue::Ticket;
 use crate::guest::stream::RecvTimeoutError;
 use crate::guest::{ExecChunk, Language, StreamRx};
+use crate::obs::Metrics;
 
 /// Exit code reported when the guest fails mid-stream, the sandbox is deleted
 /// under a running exec, or the exec cannot start: 137 is what a shell shows
@@ -178,6 +179,9 @@ pub struct ExecStream {
     seq: u64,
     keepalive: Duration,
     _slot: (StreamSlot, StreamSlot),
+    metrics: Arc<Metrics>,
+    /// When the guest was asked to run it.
+    started: Option<Instant>,
 }
 
 impl ExecStream {
@@ -187,6 +191,7 @@ impl ExecStream {
         code: String,
         keepalive: Duration,
         slot: (StreamSlot, StreamSlot),
+        metrics: Arc<Metrics>,
     ) -> Self {
         sandbox.exec_queued();
         let ticket = Some(sandbox.queue().ticket());
@@ -198,6 +203,8 @@ impl ExecStream {
             seq: 0,
             keepalive,
             _slot: slot,
+            metrics,
+            started: None,
         }
     }
 
@@ -272,6 +279,7 @@ impl ExecStream {
             return;
         };
         self.sandbox.exec_started();
+        self.started = Some(Instant::now());
         match self.sandbox.start_exec(language, &code) {
             Ok(rx) => {
                 self.phase = Phase::Running {
@@ -310,6 +318,9 @@ impl ExecStream {
             }
         };
         self.emit(EventData::Exit(code));
+        if let Some(at) = self.started.take() {
+            self.metrics.observe_exec(at.elapsed());
+        }
         self.phase = Phase::Done;
         self.release();
     }

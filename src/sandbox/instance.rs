@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::queue::FifoQueue;
 use super::replay::ReplayRing;
@@ -30,6 +30,8 @@ pub(super) struct Activity {
     active: usize,
     /// Last exec start or end (or creation).
     last: Instant,
+    /// Last exec start, if any.
+    last_exec: Option<Instant>,
 }
 
 /// One live sandbox.
@@ -96,7 +98,7 @@ impl Sandbox {
             idle,
             guest: RwLock::new(Some(Arc::from(guest))),
             queue: Arc::new(FifoQueue::default()),
-            activity: Mutex::new(Activity { active: 0, last: now }),
+            activity: Mutex::new(Activity { active: 0, last: now, last_exec: None }),
             replay: Mutex::new(ReplayRing::new(replay_max_bytes)),
             streams: Arc::new(AtomicUsize::new(0)),
         }
@@ -193,7 +195,9 @@ impl Sandbox {
     }
 
     pub(super) fn exec_started(&self) {
-        lock(&self.activity).last = Instant::now();
+        let mut a = lock(&self.activity);
+        a.last = Instant::now();
+        a.last_exec = Some(a.last);
     }
 
     pub(super) fn exec_finished(&self) {
@@ -208,6 +212,40 @@ impl Sandbox {
         }
         let a = lock(&self.activity);
         (a.active == 0 && now.duration_since(a.last) >= self.idle).then_some(Expiry::Idle)
+    }
+
+    /// When it was created (fork children and merges: their own start).
+    pub fn created_at(&self) -> Instant {
+        self.created
+    }
+
+    /// The operator's view of this sandbox (`GET /v1/sandboxes`); `now` and
+    /// `wall` are one moment on the monotonic and the wall clock, so every
+    /// instant here is shown in Unix milliseconds.
+    pub fn info(&self, now: Instant, wall: SystemTime) -> serde_json::Value {
+        let ms = |at: Instant| -> u64 {
+            let t = if at <= now { wall.checked_sub(now - at) } else { wall.checked_add(at - now) };
+            t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_millis() as u64)
+        };
+        let (busy, last, last_exec) = {
+            let a = lock(&self.activity);
+            (a.active > 0, a.last, a.last_exec)
+        };
+        serde_json::json!({
+            "id": self.id,
+            "template": self.template,
+            "state": if self.is_destroyed() { "destroyed" } else if busy { "busy" } else { "ready" },
+            "created_at_ms": ms(self.created),
+            "last_exec_at_ms": last_exec.map(ms),
+            "timeout_seconds": self.lifetime.as_secs(),
+            "idle_timeout_seconds": self.idle.as_secs(),
+            "expires_at_ms": ms(self.created + self.lifetime),
+            // A busy sandbox is never idle-reaped: no idle deadline yet.
+            "idle_expires_at_ms": (!busy).then(|| ms(last + self.idle)),
+            "private_memory_bytes": self.private_memory_bytes(),
+            "persistent": self.persistent,
+            "egress": self.egress,
+        })
     }
 
     pub(super) fn private_memory_bytes(&self) -> u64 {

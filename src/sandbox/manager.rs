@@ -15,7 +15,8 @@ use super::params::CreateParams;
 use super::SandboxError;
 use crate::config::Config;
 use crate::guest::{GuestFactory, GuestSpec, Language};
-use crate::obs::Logger;
+use crate::obs::metrics::{Op, Outcome, Snapshot};
+use crate::obs::{Logger, Metrics};
 use crate::seccomp::{self, ThreadKind};
 
 /// How often the reaper looks for expired sandboxes and memory pressure.
@@ -46,6 +47,7 @@ pub struct Manager {
     streams: Arc<AtomicUsize>,
     /// Sandboxes destroyed since hostd's free heap last went back.
     destroyed_since_trim: AtomicUsize,
+    metrics: Arc<Metrics>,
 }
 
 impl Manager {
@@ -59,6 +61,7 @@ impl Manager {
             sandboxes: Mutex::new(HashMap::new()),
             streams: Arc::new(AtomicUsize::new(0)),
             destroyed_since_trim: AtomicUsize::new(0),
+            metrics: Arc::new(Metrics::new()),
         });
         let weak = Arc::downgrade(&m);
         let reaper_log = log.clone();
@@ -74,8 +77,36 @@ impl Manager {
         &self.cfg
     }
 
+    /// The metrics every operation here updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Counts `op`'s outcome (and a capacity refusal's reason).
+    fn count<T>(&self, op: Op, r: &Result<T, SandboxError>) {
+        match r {
+            Ok(_) => self.metrics.operation(op, Outcome::Ok),
+            Err(e) => {
+                self.metrics.operation(op, e.outcome());
+                if let SandboxError::Capacity(reason, _) = e {
+                    self.metrics.refused(reason.as_str());
+                }
+            }
+        }
+    }
+
     /// Creates a sandbox: validates the template, starts a guest, registers it.
     pub fn create(&self, p: &CreateParams) -> Result<Arc<Sandbox>, SandboxError> {
+        let started = Instant::now();
+        let r = self.create_inner(p);
+        self.count(Op::Create, &r);
+        if r.is_ok() {
+            self.metrics.observe_create(started.elapsed());
+        }
+        r
+    }
+
+    fn create_inner(&self, p: &CreateParams) -> Result<Arc<Sandbox>, SandboxError> {
         let template = p.template.clone().unwrap_or_else(|| "default".into());
         let served = self.factory.templates();
         if !served.contains(&template) {
@@ -117,6 +148,16 @@ impl Manager {
     /// persistence, lifetime and idle limit (its clocks start now). All or
     /// nothing.
     pub fn fork(&self, id: &str, n: u32) -> Result<Vec<Arc<Sandbox>>, SandboxError> {
+        let started = Instant::now();
+        let r = self.fork_inner(id, n);
+        self.count(Op::Fork, &r);
+        if r.is_ok() {
+            self.metrics.observe_fork(started.elapsed());
+        }
+        r
+    }
+
+    fn fork_inner(&self, id: &str, n: u32) -> Result<Vec<Arc<Sandbox>>, SandboxError> {
         let parent = self.get(id)?;
         let guest = parent.guest().ok_or_else(|| SandboxError::UnknownSandbox(id.to_string()))?;
         let ids = (0..n).map(|_| random_hex32().map(|h| format!("sbx_{h}"))).collect::<Result<Vec<_>, _>>()?;
@@ -164,6 +205,12 @@ impl Manager {
     /// parent's old VM is destroyed (an exec running on it ends with a
     /// message saying so), queued execs of the parent run on the new VM.
     pub fn merge(&self, parent: &str, winner: &str) -> Result<(), SandboxError> {
+        let r = self.merge_inner(parent, winner);
+        self.count(Op::Merge, &r);
+        r
+    }
+
+    fn merge_inner(&self, parent: &str, winner: &str) -> Result<(), SandboxError> {
         let (p, w) = (self.get(parent)?, self.get(winner)?);
         if p.template() != w.template() {
             return Err(SandboxError::MergeAcrossTemplates {
@@ -187,6 +234,7 @@ impl Manager {
         };
         old.shutdown(&format!("the sandbox was replaced by merge_into: it now runs {winner}'s state"));
         self.destroyed_since_trim.fetch_add(1, Ordering::Relaxed);
+        self.metrics.destroyed("merged", 1);
         self.log.info("sandbox merged", &[("sandbox", json!(parent)), ("winner", json!(winner))]);
         Ok(())
     }
@@ -203,6 +251,15 @@ impl Manager {
 
     /// Removes `id` and destroys its VM (a running exec ends with a failure).
     pub fn destroy(&self, id: &str) -> Result<(), SandboxError> {
+        let r = self.destroy_inner(id);
+        self.count(Op::Delete, &r);
+        if r.is_ok() {
+            self.metrics.destroyed("delete", 1);
+        }
+        r
+    }
+
+    fn destroy_inner(&self, id: &str) -> Result<(), SandboxError> {
         let sb = lock(&self.sandboxes).remove(id).ok_or_else(|| SandboxError::UnknownSandbox(id.to_string()))?;
         self.destroyed_since_trim.fetch_add(1, Ordering::Relaxed);
         // Outside the registry lock: tearing down a VM takes time.
@@ -213,9 +270,15 @@ impl Manager {
 
     fn acquire_stream(&self, sb: &Sandbox) -> Result<(StreamSlot, StreamSlot), SandboxError> {
         let per = self.cfg.max_streams_per_sandbox;
-        let mine = StreamSlot::acquire(sb.streams(), per).ok_or(SandboxError::TooManySandboxStreams { max: per })?;
+        let mine = StreamSlot::acquire(sb.streams(), per).ok_or_else(|| {
+            self.metrics.refused("sandbox_streams");
+            SandboxError::TooManySandboxStreams { max: per }
+        })?;
         let max = self.cfg.max_streams;
-        let host = StreamSlot::acquire(&self.streams, max).ok_or(SandboxError::TooManyStreams { max })?;
+        let host = StreamSlot::acquire(&self.streams, max).ok_or_else(|| {
+            self.metrics.refused("streams");
+            SandboxError::TooManyStreams { max }
+        })?;
         Ok((host, mine))
     }
 
@@ -227,7 +290,7 @@ impl Manager {
             return Err(SandboxError::CodeTooLarge { bytes, limit: crate::guest::MAX_FRAME_PAYLOAD });
         }
         let slot = self.acquire_stream(&sb)?;
-        Ok(ExecStream::new(sb, language, code, self.cfg.keepalive, slot))
+        Ok(ExecStream::new(sb, language, code, self.cfg.keepalive, slot, Arc::clone(&self.metrics)))
     }
 
     /// The replay ring of `id` as NDJSON.
@@ -250,6 +313,40 @@ impl Manager {
         })
     }
 
+    /// The live figures of a metrics scrape.
+    pub fn metrics_snapshot(&self) -> Snapshot {
+        let sandboxes: Vec<Arc<Sandbox>> = lock(&self.sandboxes).values().cloned().collect();
+        let vmm = self.factory.capacity();
+        let count = |key: &str| vmm.get(key).and_then(Value::as_u64).unwrap_or(0);
+        let pool_ready = vmm
+            .get("templates")
+            .and_then(Value::as_object)
+            .map_or(0, |t| t.values().filter_map(|v| v.get("pool_ready").and_then(Value::as_u64)).sum());
+        Snapshot {
+            sandboxes_live: sandboxes.len() as u64,
+            sandboxes_busy: sandboxes.iter().filter(|s| s.busy()).count() as u64,
+            guest_private_memory_bytes: sandboxes.iter().map(|s| s.private_memory_bytes()).sum(),
+            streams_open: self.streams.load(Ordering::Acquire) as u64,
+            pool_hits: count("pool_hits"),
+            pool_misses: count("pool_misses"),
+            pool_ready,
+            vm_threads_cpu: self.factory.vm_threads_cpu(),
+        }
+    }
+
+    /// The `GET /v1/sandboxes` document: every live sandbox, oldest first.
+    pub fn list(&self) -> Value {
+        let mut sandboxes: Vec<Arc<Sandbox>> = lock(&self.sandboxes).values().cloned().collect();
+        sandboxes.sort_by_key(|s| s.created_at());
+        let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+        json!({ "sandboxes": sandboxes.iter().map(|s| s.info(now, wall)).collect::<Vec<_>>() })
+    }
+
+    /// The `GET /v1/sandboxes/{id}` document.
+    pub fn info(&self, id: &str) -> Result<Value, SandboxError> {
+        Ok(self.get(id)?.info(Instant::now(), std::time::SystemTime::now()))
+    }
+
     /// While the host is short of memory (guests dirtied more than it can
     /// hold), destroys the sandbox holding the most guest memory, then looks
     /// again; at most [`MAX_RELIEF_PER_TICK`] per call. Returns how many.
@@ -270,6 +367,7 @@ impl Manager {
             let held = sb.private_memory_bytes();
             sb.destroy_guest("the host ran short of memory and this sandbox held the most");
             destroyed += 1;
+            self.metrics.destroyed("host_memory", 1);
             self.destroyed_since_trim.fetch_add(1, Ordering::Relaxed);
             self.log.warn(
                 "sandbox destroyed: host memory is low",
@@ -292,6 +390,7 @@ impl Manager {
             sb.destroy_guest(why);
             self.log.info("sandbox destroyed", &[("sandbox", json!(sb.id())), ("reason", json!("shutdown"))]);
         }
+        self.metrics.destroyed("shutdown", all.len() as u64);
         all.len()
     }
 
@@ -310,6 +409,7 @@ impl Manager {
                 Expiry::Idle => "idle_timeout_seconds",
             };
             sb.destroy_guest(&format!("the sandbox reached its {reason}"));
+            self.metrics.destroyed(reason, 1);
             self.log.info("sandbox destroyed", &[("sandbox", json!(sb.id())), ("reason", json!(reason))]);
             if *why == Expiry::Idle && sb.persistent() {
                 self.log.warn(

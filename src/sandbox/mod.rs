@@ -19,7 +19,8 @@ pub use controller::Controller;
 pub use exec::{ExecStream, StreamItem};
 pub use manager::Manager;
 
-use crate::guest::GuestError;
+use crate::guest::{CapacityReason, GuestError};
+use crate::obs::metrics::Outcome;
 
 /// Why a sandbox operation failed. The API maps each kind to a status.
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +52,8 @@ pub enum SandboxError {
         max: usize,
     },
     /// The host cannot take another sandbox (memory or count).
-    #[error("host at capacity: {0}")]
-    Capacity(String),
+    #[error("host at capacity: {1}")]
+    Capacity(CapacityReason, String),
     /// An exec's code does not fit in one frame to the guest.
     #[error("too large: the exec request would be {bytes} bytes once encoded for the guest; the limit is {limit} bytes")]
     CodeTooLarge {
@@ -86,11 +87,22 @@ pub enum SandboxError {
 }
 
 impl SandboxError {
+    /// How an operation that failed with this error is counted.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            SandboxError::TooManyStreams { .. } | SandboxError::TooManySandboxStreams { .. } | SandboxError::Capacity(..) => {
+                Outcome::Refused
+            }
+            SandboxError::Guest(_) | SandboxError::Internal(_) => Outcome::Failed,
+            _ => Outcome::Rejected,
+        }
+    }
+
     /// Sorts a guest error into caller mistakes, capacity, and our faults.
     pub fn from_guest(e: GuestError) -> Self {
         match e {
             GuestError::UnknownTemplate(t) => SandboxError::UnknownTemplate { template: t, served: Vec::new() },
-            GuestError::Capacity(why) => SandboxError::Capacity(why),
+            GuestError::Capacity(reason, why) => SandboxError::Capacity(reason, why),
             GuestError::Unsupported(what) => SandboxError::NotImplemented(what),
             other => SandboxError::Guest(other),
         }

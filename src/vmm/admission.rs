@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::guest::GuestError;
+use crate::guest::{CapacityReason, GuestError};
 
 /// Host memory set aside per restore under way when deciding admission.
 pub const RESERVE_MIB: u64 = 64;
@@ -83,16 +83,18 @@ impl Admission {
     pub fn reserve(&self) -> Result<Ticket<'_>, GuestError> {
         let max = self.max_sandboxes;
         self.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).map_err(|n| {
-            GuestError::Capacity(format!("{n} sandboxes running, the limit is {max} (PODFLARE_MAX_SANDBOXES)"))
+            GuestError::Capacity(CapacityReason::SandboxCount, format!("{n} sandboxes running, the limit is {max} (PODFLARE_MAX_SANDBOXES)"))
         })?;
         let starting = self.starting.fetch_add(1, Ordering::AcqRel) as u64 + 1;
         let ticket = Ticket { adm: self, admitted: false };
         let Some((total, avail)) = (self.meminfo)() else {
-            return Err(GuestError::Capacity("cannot read host memory (/proc/meminfo); not admitting".into()));
+            return Err(GuestError::Capacity(CapacityReason::Memory, "cannot read host memory (/proc/meminfo); not admitting".into()));
         };
         let used = total.saturating_sub(avail) + starting * RESERVE_MIB;
         if used > self.limit_mib {
-            return Err(GuestError::Capacity(format!(
+            return Err(GuestError::Capacity(
+                CapacityReason::Memory,
+                format!(
                 "host memory in use is {used} MiB counting restores under way; admitting another sandbox would pass the {} MiB limit (PODFLARE_MAX_GUEST_MEMORY_MIB)",
                 self.limit_mib
             )));

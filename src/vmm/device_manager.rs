@@ -313,6 +313,7 @@ impl DeviceManager {
         let thread = std::thread::Builder::new()
             .name(format!("{name}-dev"))
             .spawn(move || {
+                let _cpu = super::threads::account_this_thread();
                 // The filter first; device emulation (guest-controlled
                 // input) never runs unfiltered.
                 let installed = seccomp::install(ThreadKind::Device);

@@ -393,6 +393,10 @@ impl GuestFactory for VmFactory {
     fn memory_pressure(&self) -> Option<u64> {
         self.inner.admission.pressure()
     }
+
+    fn vm_threads_cpu(&self) -> std::time::Duration {
+        super::threads::cpu_time()
+    }
 }
 
 impl VmFactory {

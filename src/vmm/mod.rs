@@ -24,6 +24,7 @@ pub mod state;
 pub mod factory;
 pub mod persist;
 pub mod template;
+pub mod threads;
 pub mod vcpu;
 pub mod vm;
 

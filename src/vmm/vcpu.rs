@@ -147,6 +147,7 @@ impl VcpuHandle {
         let thread = std::thread::Builder::new()
             .name(format!("{vm_name}-vcpu{index}"))
             .spawn(move || {
+                let _cpu = super::threads::account_this_thread();
                 // Owned out here, not inside the catch_unwind: unwinding then
                 // drops the KickTarget in `VcpuLoop::thread` while fd is alive.
                 let mut fd = fd;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use podflare_hostd::api::{serve, Gate, ServerHandle};
 use podflare_hostd::obs::Logger;
 use podflare_hostd::config::{AuthMode, Config, LogFormat};
-use podflare_hostd::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language};
+use podflare_hostd::guest::{CapacityReason, ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language};
 use podflare_hostd::sandbox::Controller;
 
 /// The key the test servers accept.
@@ -49,7 +49,7 @@ impl GuestFactory for FakeFactory {
     }
     fn create(&self, _spec: &GuestSpec) -> Result<Box<dyn Guest>, GuestError> {
         if self.live.load(Ordering::SeqCst) >= self.limit {
-            return Err(GuestError::Capacity(format!("fake host holds at most {} sandboxes", self.limit)));
+            return Err(GuestError::Capacity(CapacityReason::SandboxCount, format!("fake host holds at most {} sandboxes", self.limit)));
         }
         self.live.fetch_add(1, Ordering::SeqCst);
         self.created.fetch_add(1, Ordering::SeqCst);

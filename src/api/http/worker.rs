@@ -206,6 +206,9 @@ fn path_sandbox(path: &str) -> Option<String> {
 }
 
 fn log_request(ctx: &Ctx, head: Option<&Head>, status: u16, started: Instant, sandbox: Option<String>) {
+    // A request too broken to have a head has no route.
+    let route = head.map_or("unmatched", |h| router::route_template(&h.target));
+    ctx.controller.manager().metrics().http_request(route, status);
     let sandbox = sandbox.or_else(|| head.and_then(|h| path_sandbox(h.path())));
     ctx.log.info(
         "request",
@@ -241,6 +244,7 @@ fn serve(ctx: &Ctx, conn: &Conn, head: &Head, body: &[u8]) -> bool {
             (Response::ok("application/json", v.to_string().into_bytes()), id)
         }
         Ok(Reply::Ndjson(b)) => (Response::ok("application/x-ndjson", b), None),
+        Ok(Reply::Metrics(text)) => (Response::ok(crate::obs::metrics::CONTENT_TYPE, text.into_bytes()), None),
         Ok(Reply::NoContent) => (Response { status: 204, content_type: None, extra: Vec::new(), body: Vec::new() }, None),
         Err(e) => {
             if let ApiError::Internal(cause) = &e {
