@@ -479,6 +479,7 @@ fn table(sb: &str) -> Vec<Case> {
     for id in [gone, "nope", "..", "%2e%2e", "a%2Fb", "%00", long.as_str()] {
         for (method, path, body) in [
             ("DELETE", format!("/v1/sandboxes/{id}"), ""),
+            ("GET", format!("/v1/sandboxes/{id}"), ""),
             ("POST", format!("/v1/sandboxes/{id}/exec"), r#"{"code":"x"}"#),
             ("POST", format!("/v1/sandboxes/{id}/fork"), r#"{"n":2}"#),
             ("POST", format!("/v1/sandboxes/{id}/merge_into/{sb}"), ""),

@@ -134,7 +134,9 @@ const MALFORMED: &[(&str, &str, &str, u16, &str)] = &[
     ("POST", "/v1/sandboxes/{sb}/pty/p1/resize", r#"{"cols": 80}"#, 400, "rows"),
     ("POST", "/v1/sandboxes/{sb}/pty/p1/read", r#"{"since_seq": -1}"#, 400, "since_seq"),
     ("DELETE", "/v1/sandboxes/{sb}/pty/p1/kill", "", 405, "POST"),
-    ("GET", "/v1/sandboxes/{sb}/pty", "", 501, "not implemented yet"),
+    ("GET", "/v1/sandboxes/{gone}/pty", "", 404, "unknown sandbox"),
+    ("POST", "/v1/sandboxes/{sb}/pty/pty_x/input", r#"{"data_b64": "aGk="}"#, 404, "unknown pty session"),
+    ("POST", "/v1/sandboxes/{sb}/pty/pty_x/kill", "", 404, "unknown pty session"),
 ];
 
 #[test]

@@ -90,6 +90,8 @@ fn collect(rx: StreamRx<ExecChunk>) -> Output {
                 return out;
             }
             ExecChunk::Failed(m) => panic!("exec failed: {m}"),
+            // Execs never report a start (terminal sessions do).
+            ExecChunk::Started => {}
         }
     }
 }

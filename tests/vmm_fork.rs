@@ -71,6 +71,8 @@ fn collect(rx: StreamRx<ExecChunk>) -> (String, i32) {
             ExecChunk::Stdout(b) | ExecChunk::Stderr(b) => out.push_str(&String::from_utf8_lossy(&b)),
             ExecChunk::Exit(c) => return (out, c),
             ExecChunk::Failed(m) => panic!("exec failed: {m}; output so far {out:?}"),
+            // Execs never report a start (terminal sessions do).
+            ExecChunk::Started => {}
         }
     }
 }

@@ -113,12 +113,15 @@ impl ApiError {
 impl From<SandboxError> for ApiError {
     fn from(e: SandboxError) -> Self {
         match e {
-            SandboxError::UnknownSandbox(_) | SandboxError::UnknownSpace(_) => ApiError::NotFound(e.to_string()),
+            SandboxError::UnknownSandbox(_) | SandboxError::UnknownSpace(_) | SandboxError::UnknownPty(_) => {
+                ApiError::NotFound(e.to_string())
+            }
             SandboxError::UnknownTemplate { .. } => ApiError::field("template", &e),
             SandboxError::CodeTooLarge { .. } => ApiError::field("code", &e),
             SandboxError::MergeAcrossTemplates { .. } => ApiError::field("winner", &e),
             SandboxError::TooManyStreams { .. }
             | SandboxError::TooManySandboxStreams { .. }
+            | SandboxError::TooManyPtySessions { .. }
             | SandboxError::Capacity(..) => ApiError::Capacity(e.to_string()),
             SandboxError::NotImplemented(_) => ApiError::NotImplemented(e.to_string()),
             SandboxError::Guest(ref g) => ApiError::Internal(format!("{e}: {g}")),

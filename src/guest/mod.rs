@@ -45,6 +45,8 @@ pub enum ExecChunk {
     Stdout(Vec<u8>),
     /// Raw stderr bytes.
     Stderr(Vec<u8>),
+    /// The command is running (terminal sessions say so once; execs never).
+    Started,
     /// The command finished with this status. Always the last chunk.
     Exit(i32),
     /// The guest failed mid-stream (crashed, channel broke, timed out).
@@ -59,7 +61,7 @@ impl Weigh for ExecChunk {
         64 + match self {
             ExecChunk::Stdout(b) | ExecChunk::Stderr(b) => b.len(),
             ExecChunk::Failed(m) => m.len(),
-            ExecChunk::Exit(_) => 0,
+            ExecChunk::Exit(_) | ExecChunk::Started => 0,
         }
     }
 }
@@ -101,6 +103,35 @@ impl CapacityReason {
             CapacityReason::Memory => "memory",
         }
     }
+}
+
+/// A terminal session to start in a guest (already validated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PtyStart {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Columns.
+    pub cols: u16,
+    /// Rows.
+    pub rows: u16,
+    /// Working directory.
+    pub cwd: Option<String>,
+    /// Extra environment, in order.
+    pub env: Vec<(String, String)>,
+}
+
+/// Drives one running terminal session of a guest.
+pub trait PtyControl: Send + Sync {
+    /// Bytes typed into the terminal.
+    fn input(&self, data: &[u8]) -> Result<(), GuestError>;
+    /// A new terminal size (the session's foreground processes get SIGWINCH).
+    fn resize(&self, cols: u16, rows: u16) -> Result<(), GuestError>;
+    /// SIGKILL to the session's process group; its output still ends with `Exit`.
+    fn kill(&self) -> Result<(), GuestError>;
+    /// What names this session inside its guest: a fork child of that
+    /// guest runs the same session under the same name
+    /// ([`Guest::pty_reopen`]).
+    fn handle(&self) -> u64;
 }
 
 /// What a create asks for, after the API layer has validated and clamped it.
@@ -164,6 +195,19 @@ pub trait Guest: Send + Sync {
     /// to its parent's id): its log lines name that one.
     fn relabel(&self, sandbox_id: &str) {
         let _ = sandbox_id;
+    }
+    /// Starts a terminal session: its output arrives on the stream
+    /// (`Started` once it runs, then `Stdout`, then `Exit`; or `Failed`),
+    /// and the control drives it.
+    fn pty(&self, start: &PtyStart) -> Result<(StreamRx<ExecChunk>, Box<dyn PtyControl>), GuestError> {
+        let _ = start;
+        Err(GuestError::Unsupported("pty"))
+    }
+    /// In a fork child: reaches the session its parent ran under `handle`
+    /// (the child's copy of it): output from now on, and its controls.
+    fn pty_reopen(&self, handle: u64) -> Result<(StreamRx<ExecChunk>, Box<dyn PtyControl>), GuestError> {
+        let _ = handle;
+        Err(GuestError::Unsupported("pty"))
     }
 }
 

@@ -23,7 +23,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// Why sandboxes are destroyed (the `reason` of `podflare_sandboxes_destroyed`).
 pub const DESTROY_REASONS: [&str; 6] = ["delete", "timeout_seconds", "idle_timeout_seconds", "host_memory", "merged", "shutdown"];
 /// Which limit refused (the `reason` of `podflare_admission_refusals`).
-pub const REFUSAL_REASONS: [&str; 4] = ["sandbox_count", "memory", "streams", "sandbox_streams"];
+pub const REFUSAL_REASONS: [&str; 5] = ["sandbox_count", "memory", "streams", "sandbox_streams", "pty_sessions"];
 
 /// A sandbox operation whose outcome is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -196,7 +196,7 @@ impl Metrics {
         let refusals = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "podflare_admission_refusals",
-            "Requests refused for capacity (429), by the limit that refused them (sandbox_count, memory, streams, sandbox_streams)",
+            "Requests refused for capacity (429), by the limit that refused them (sandbox_count, memory, streams, sandbox_streams, pty_sessions)",
             refusals.clone(),
         );
         let http = Family::<HttpLabels, Counter>::default();

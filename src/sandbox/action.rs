@@ -3,6 +3,7 @@
 //! answers with a [`Reply`]. Everything here is already validated.
 
 use super::exec::ExecStream;
+use super::pty::PtyStream;
 use super::params::{CreateParams, PtyReadParams, PtySpec, ResumeParams};
 use crate::guest::Language;
 
@@ -164,6 +165,8 @@ pub enum Reply {
     Ndjson(Vec<u8>),
     /// 200 NDJSON, produced as the exec runs.
     Stream(ExecStream),
+    /// 200 NDJSON, a terminal session's events for one client.
+    Pty(PtyStream),
 }
 
 impl std::fmt::Debug for Reply {
@@ -175,6 +178,7 @@ impl std::fmt::Debug for Reply {
             Reply::NoContent => write!(f, "NoContent"),
             Reply::Ndjson(b) => write!(f, "Ndjson({} bytes)", b.len()),
             Reply::Stream(_) => write!(f, "Stream"),
+            Reply::Pty(_) => write!(f, "Pty"),
         }
     }
 }

@@ -59,19 +59,13 @@ impl Controller {
             Action::ResumeSpace { space, .. } | Action::DeleteSpace { space } => {
                 Err(SandboxError::UnknownSpace(space))
             }
-            Action::PtyCreate { id, .. }
-            | Action::PtyList { id }
-            | Action::PtyInput { id, .. }
-            | Action::PtyResize { id, .. }
-            | Action::PtyKill { id, .. }
-            | Action::PtyAttach { id, .. }
-            | Action::PtyRead { id, .. } => self.not_yet(&id, "pty"),
+            Action::PtyCreate { id, spec } => m.pty_create(&id, &spec).map(Reply::Pty),
+            Action::PtyList { id } => m.pty_list(&id).map(Reply::Json),
+            Action::PtyInput { id, pty, data } => m.pty_input(&id, &pty, &data).map(|()| Reply::NoContent),
+            Action::PtyResize { id, pty, cols, rows } => m.pty_resize(&id, &pty, cols, rows).map(|()| Reply::NoContent),
+            Action::PtyKill { id, pty } => m.pty_kill(&id, &pty).map(|()| Reply::NoContent),
+            Action::PtyAttach { id, pty } => m.pty_attach(&id, &pty).map(Reply::Pty),
+            Action::PtyRead { id, pty, params } => m.pty_read(&id, &pty, &params).map(Reply::Json),
         }
-    }
-
-    /// 404 for an unknown sandbox, else "not implemented yet".
-    fn not_yet(&self, id: &str, what: &'static str) -> Result<Reply, SandboxError> {
-        self.manager.get(id)?;
-        Err(SandboxError::NotImplemented(what))
     }
 }

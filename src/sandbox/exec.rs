@@ -10,7 +10,7 @@ use super::instance::{ExecStartError, Sandbox, StreamSlot};
 use super::queue::Ticket;
 use crate::guest::stream::RecvTimeoutError;
 use crate::guest::{ExecChunk, Language, StreamRx};
-use crate::obs::Metrics;
+use crate::obs::{Logger, Metrics};
 
 /// Exit code reported when the guest fails mid-stream, the sandbox is deleted
 /// under a running exec, or the exec cannot start: 137 is what a shell shows
@@ -149,6 +149,39 @@ pub fn encode_event(data: EventData<'_>, seq: u64, ts: u64) -> Vec<u8> {
     out
 }
 
+/// A reply the transport writes line by line as it is produced.
+pub trait EventStream: Send + 'static {
+    /// Blocks until the next thing to send, at most the keep-alive interval;
+    /// `None` at the end.
+    fn next_item(&mut self) -> Option<StreamItem>;
+    /// The client is gone or stopped reading: what becomes of the rest.
+    fn abandon(self, log: &Logger);
+}
+
+impl EventStream for ExecStream {
+    fn next_item(&mut self) -> Option<StreamItem> {
+        ExecStream::next_item(self)
+    }
+
+    /// The exec still runs to its end (queue order, replay), but on a
+    /// thread of its own, so an endless exec nobody reads does not keep a
+    /// worker. These threads are bounded by the stream slots each abandoned
+    /// exec still holds.
+    fn abandon(mut self, log: &Logger) {
+        let spawned = std::thread::Builder::new()
+            .name("exec-drain".into())
+            .spawn(move || while self.next_item().is_some() {});
+        if let Err(e) = spawned {
+            // Dropping the stream is the fallback: the queue moves on, replay
+            // misses the rest of this exec's output.
+            log.error(
+                "cannot start a thread to drain an abandoned exec stream",
+                &[("cause", serde_json::json!(e.to_string()))],
+            );
+        }
+    }
+}
+
 /// What the transport writes next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum StreamItem {
@@ -242,6 +275,7 @@ impl ExecStream {
                             }
                         }
                         Ok(ExecChunk::Exit(code)) => self.finish(Ok(code)),
+                        Ok(ExecChunk::Started) => {}
                         Ok(ExecChunk::Failed(msg)) if self.sandbox.is_destroyed() => self.finish(Err(format!(
                             "podflare: sandbox {} was destroyed during this exec: {msg}",
                             self.sandbox.id()

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::pty::PtySessions;
 use super::queue::FifoQueue;
 use super::replay::ReplayRing;
 use crate::guest::{ExecChunk, Guest, GuestError, Language, StreamRx};
@@ -51,6 +52,8 @@ pub struct Sandbox {
     replay: Mutex<ReplayRing>,
     /// Exec streams of this sandbox open now (its share of the host's).
     streams: Arc<AtomicUsize>,
+    /// Terminal sessions started here.
+    ptys: PtySessions,
 }
 
 /// Why the reaper destroys a sandbox.
@@ -101,6 +104,7 @@ impl Sandbox {
             activity: Mutex::new(Activity { active: 0, last: now, last_exec: None }),
             replay: Mutex::new(ReplayRing::new(replay_max_bytes)),
             streams: Arc::new(AtomicUsize::new(0)),
+            ptys: PtySessions::default(),
         }
     }
 
@@ -132,6 +136,11 @@ impl Sandbox {
     /// Execs queued or running.
     pub fn busy(&self) -> bool {
         lock(&self.activity).active > 0
+    }
+
+    /// Its terminal sessions.
+    pub fn ptys(&self) -> &PtySessions {
+        &self.ptys
     }
 
     /// This sandbox's own stream count.
@@ -186,6 +195,11 @@ impl Sandbox {
 
     pub(super) fn record(&self, line: &[u8]) {
         lock(&self.replay).push(line);
+    }
+
+    /// Counts as activity for the idle timeout (terminal use).
+    pub(super) fn touch(&self) {
+        lock(&self.activity).last = Instant::now();
     }
 
     pub(super) fn exec_queued(&self) {

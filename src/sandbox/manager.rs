@@ -11,10 +11,12 @@ use serde_json::{json, Value};
 
 use super::exec::ExecStream;
 use super::instance::{lock, Expiry, Sandbox, StreamSlot};
-use super::params::CreateParams;
+use super::params::{CreateParams, PtyCommand, PtyReadParams, PtySpec};
+use super::pty::{PtySession, PtySessions, PtyStream};
 use super::SandboxError;
 use crate::config::Config;
-use crate::guest::{GuestFactory, GuestSpec, Language};
+use crate::guest::{GuestFactory, GuestSpec, Language, PtyStart};
+use base64::Engine;
 use crate::obs::metrics::{Op, Outcome, Snapshot};
 use crate::obs::{Logger, Metrics};
 use crate::seccomp::{self, ThreadKind};
@@ -184,6 +186,13 @@ impl Manager {
                 ))
             })
             .collect();
+        // Running terminal sessions carry over: each child's guest runs its
+        // copy of them.
+        for c in &children {
+            if let Some(g) = c.guest() {
+                c.ptys().inherit(parent.ptys(), g.as_ref(), &self.log);
+            }
+        }
         {
             let mut map = lock(&self.sandboxes);
             for c in &children {
@@ -291,6 +300,82 @@ impl Manager {
         }
         let slot = self.acquire_stream(&sb)?;
         Ok(ExecStream::new(sb, language, code, self.cfg.keepalive, slot, Arc::clone(&self.metrics)))
+    }
+
+    /// Starts a terminal session in `id`; the stream gives `pty_ready` (or
+    /// `pty_error`), its output, then `pty_exit`.
+    pub fn pty_create(&self, id: &str, spec: &PtySpec) -> Result<PtyStream, SandboxError> {
+        let sb = self.get(id)?;
+        let guest = sb.guest().ok_or_else(|| SandboxError::UnknownSandbox(id.to_string()))?;
+        let (argv, label) = match &spec.command {
+            PtyCommand::Shell(cmd) => (vec!["bash".into(), "-lc".into(), cmd.clone()], cmd.clone()),
+            PtyCommand::Argv(argv) => (argv.clone(), argv.join(" ")),
+            PtyCommand::LoginShell => (vec!["bash".into(), "-l".into()], "bash -l".into()),
+        };
+        let slot = self.acquire_stream(&sb)?;
+        let start = PtyStart { argv, cols: spec.cols, rows: spec.rows, cwd: spec.cwd.clone(), env: spec.env.clone() };
+        let (rx, control) = guest.pty(&start).map_err(SandboxError::from_guest)?;
+        let pty_id = format!("pty_{}", &random_hex32()?[..16]);
+        let stream = sb.ptys().start(pty_id.clone(), label, rx, control, self.cfg.keepalive, slot, &self.log).map_err(|_| {
+            self.metrics.refused("pty_sessions");
+            SandboxError::TooManyPtySessions { max: super::pty::MAX_SESSIONS }
+        })?;
+        sb.touch();
+        self.log.info("pty session started", &[("sandbox", json!(id)), ("pty", json!(pty_id))]);
+        Ok(stream)
+    }
+
+    fn pty(&self, id: &str, pty: &str) -> Result<(Arc<Sandbox>, Arc<PtySession>), SandboxError> {
+        let sb = self.get(id)?;
+        let session = sb.ptys().get(pty).ok_or_else(|| SandboxError::UnknownPty(pty.to_string()))?;
+        Ok((sb, session))
+    }
+
+    /// `GET /v1/sandboxes/{id}/pty`: every session, with exit codes.
+    pub fn pty_list(&self, id: &str) -> Result<Value, SandboxError> {
+        Ok(Value::Array(self.get(id)?.ptys().list()))
+    }
+
+    /// Types `data` into a session (ignored by the guest once it ended).
+    pub fn pty_input(&self, id: &str, pty: &str, data: &[u8]) -> Result<(), SandboxError> {
+        let (sb, s) = self.pty(id, pty)?;
+        sb.touch();
+        s.control().input(data).map_err(SandboxError::from_guest)
+    }
+
+    /// Resizes a session's terminal.
+    pub fn pty_resize(&self, id: &str, pty: &str, cols: u16, rows: u16) -> Result<(), SandboxError> {
+        let (sb, s) = self.pty(id, pty)?;
+        sb.touch();
+        s.control().resize(cols, rows).map_err(SandboxError::from_guest)
+    }
+
+    /// SIGKILL to a session's process group.
+    pub fn pty_kill(&self, id: &str, pty: &str) -> Result<(), SandboxError> {
+        let (sb, s) = self.pty(id, pty)?;
+        sb.touch();
+        s.control().kill().map_err(SandboxError::from_guest)
+    }
+
+    /// Another client on a session: its replay, then live events.
+    pub fn pty_attach(&self, id: &str, pty: &str) -> Result<PtyStream, SandboxError> {
+        let (sb, s) = self.pty(id, pty)?;
+        let slot = self.acquire_stream(&sb)?;
+        Ok(PtySessions::attach(&s, self.cfg.keepalive, slot))
+    }
+
+    /// Long-poll read of a session's output.
+    pub fn pty_read(&self, id: &str, pty: &str, p: &PtyReadParams) -> Result<Value, SandboxError> {
+        let (sb, s) = self.pty(id, pty)?;
+        sb.touch();
+        let max = usize::try_from(p.max_bytes).unwrap_or(usize::MAX);
+        let (data, next_seq, exited, exit_code) = s.read(p.since_seq, max, Duration::from_millis(p.timeout_ms));
+        Ok(json!({
+            "data_b64": base64::engine::general_purpose::STANDARD.encode(data),
+            "next_seq": next_seq,
+            "exited": exited,
+            "exit_code": exit_code,
+        }))
     }
 
     /// The replay ring of `id` as NDJSON.

@@ -10,6 +10,7 @@ pub mod exec;
 pub mod instance;
 pub mod manager;
 pub mod params;
+pub mod pty;
 pub mod queue;
 pub mod replay;
 
@@ -48,6 +49,15 @@ pub enum SandboxError {
     /// This sandbox already holds `PODFLARE_MAX_STREAMS_PER_SANDBOX` streams.
     #[error("sandbox at capacity: {max} exec streams of this sandbox are already open (PODFLARE_MAX_STREAMS_PER_SANDBOX); retry when one ends")]
     TooManySandboxStreams {
+        /// The limit.
+        max: usize,
+    },
+    /// No terminal session of this sandbox has this id.
+    #[error("unknown pty session {0:?}")]
+    UnknownPty(String),
+    /// The sandbox already keeps `MAX_SESSIONS` sessions, none exited.
+    #[error("sandbox at capacity: {max} terminal sessions of this sandbox are running; kill one first")]
+    TooManyPtySessions {
         /// The limit.
         max: usize,
     },
@@ -90,9 +100,10 @@ impl SandboxError {
     /// How an operation that failed with this error is counted.
     pub fn outcome(&self) -> Outcome {
         match self {
-            SandboxError::TooManyStreams { .. } | SandboxError::TooManySandboxStreams { .. } | SandboxError::Capacity(..) => {
-                Outcome::Refused
-            }
+            SandboxError::TooManyStreams { .. }
+            | SandboxError::TooManySandboxStreams { .. }
+            | SandboxError::TooManyPtySessions { .. }
+            | SandboxError::Capacity(..) => Outcome::Refused,
             SandboxError::Guest(_) | SandboxError::Internal(_) => Outcome::Failed,
             _ => Outcome::Rejected,
         }

@@ -17,7 +17,8 @@ use super::vm::Vm;
 use super::admission::{self, Admission};
 use super::cache;
 use super::{memory, persist, Backend, VmmConfig, VmmError};
-use crate::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language, StreamRx};
+use super::channel::Channel;
+use crate::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language, PtyControl, PtyStart, StreamRx};
 use crate::seccomp::{self, ThreadKind};
 
 #[derive(Default)]
@@ -281,6 +282,58 @@ impl Guest for RunningGuest {
 
     fn relabel(&self, sandbox_id: &str) {
         self.vm.status().label(self.inner.cfg.log.clone(), Some(sandbox_id.to_string()));
+    }
+
+    fn pty(&self, start: &PtyStart) -> Result<(StreamRx<ExecChunk>, Box<dyn PtyControl>), GuestError> {
+        if let Some(why) = self.vm.status().stopped() {
+            return Err(GuestError::Failed(why));
+        }
+        let req = podflare_proto::PtyRequest {
+            argv: start.argv.clone(),
+            size: podflare_proto::PtySize { cols: start.cols, rows: start.rows },
+            cwd: start.cwd.clone(),
+            env: start.env.clone(),
+        };
+        let channel = self.vm.channel().clone();
+        let (stream, rx) = channel.pty(&req).map_err(|e| GuestError::Failed(e.to_string()))?;
+        Ok((rx, Box::new(ChannelPty { channel, stream })))
+    }
+
+    fn pty_reopen(&self, handle: u64) -> Result<(StreamRx<ExecChunk>, Box<dyn PtyControl>), GuestError> {
+        let stream = u32::try_from(handle).map_err(|_| GuestError::Internal(format!("pty handle {handle} is not a stream id")))?;
+        let channel = self.vm.channel().clone();
+        let rx = channel.adopt_stream(stream).map_err(|e| GuestError::Failed(e.to_string()))?;
+        Ok((rx, Box::new(ChannelPty { channel, stream })))
+    }
+}
+
+/// A terminal session's controls: frames on its stream of the agent port.
+struct ChannelPty {
+    channel: Channel,
+    stream: u32,
+}
+
+impl ChannelPty {
+    fn send(&self, kind: podflare_proto::Kind, payload: &[u8]) -> Result<(), GuestError> {
+        self.channel.to_stream(kind, self.stream, payload).map_err(|e| GuestError::Failed(e.to_string()))
+    }
+}
+
+impl PtyControl for ChannelPty {
+    fn input(&self, data: &[u8]) -> Result<(), GuestError> {
+        self.send(podflare_proto::Kind::Stdin, data)
+    }
+
+    fn resize(&self, cols: u16, rows: u16) -> Result<(), GuestError> {
+        self.send(podflare_proto::Kind::Resize, &Channel::resize_payload(cols, rows))
+    }
+
+    fn kill(&self) -> Result<(), GuestError> {
+        self.send(podflare_proto::Kind::Cancel, &[])
+    }
+
+    fn handle(&self) -> u64 {
+        u64::from(self.stream)
     }
 }
 

@@ -168,7 +168,7 @@ fn wait_exec_ok(rx: StreamRx<ExecChunk>, timeout: Duration, what: &str) -> Resul
             }
             Ok(ExecChunk::Failed(m)) => return Err(VmmError::Guest(format!("{what}: {m}"))),
             Ok(ExecChunk::Stderr(b)) => err.extend_from_slice(&b),
-            Ok(ExecChunk::Stdout(_)) => {}
+            Ok(ExecChunk::Stdout(_) | ExecChunk::Started) => {}
             Err(_) => return Err(VmmError::Guest(format!("{what} did not finish within {timeout:?}"))),
         }
     }

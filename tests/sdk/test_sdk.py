@@ -13,36 +13,7 @@ import httpx
 import pytest
 from podflare import Client, Sandbox
 
-URL = os.environ["PODFLARE_HOSTD_URL"]
-
-
-# The SDK reads with a 30 s timeout by default; on a host that emulates the
-# guest kernel an 8 MB upload (one exec that prints nothing until it is
-# done) can take longer, and the SDK would time out and retry it. Waits here
-# are generous and settable.
-WAIT_S = float(os.environ.get("PODFLARE_TEST_WAIT_S", "600"))
-
-
-@pytest.fixture(scope="module")
-def client():
-    c = Client(host=URL, timeout=WAIT_S)
-    yield c
-    c.close()
-
-
-def _close(s):
-    try:
-        s.close()
-    except httpx.HTTPStatusError as e:
-        if e.response.status_code != 404:
-            raise
-
-
-@pytest.fixture
-def sbx(client):
-    s = Sandbox(client=client)
-    yield s
-    _close(s)
+from conftest import URL, WAIT_S, close_quietly as _close
 
 
 def test_healthz(client):

@@ -72,6 +72,11 @@ impl Execs {
             .cloned()
     }
 
+    /// Whether `stream` is a running exec.
+    pub fn has(&self, stream: u32) -> bool {
+        self.get(stream).is_some()
+    }
+
     fn error(&self, stream: u32, msg: &str) {
         let _ = self.port.send(Kind::Error, stream, msg.as_bytes());
     }
@@ -181,6 +186,7 @@ impl Execs {
                 cwd: "/root",
                 fds: &[child_stdin, out_w.as_raw_fd(), err_w.as_raw_fd()],
                 new_group: true,
+                terminal: None,
             },
             Box::new(move |code| {
                 notify.lock().exit = Some(code);

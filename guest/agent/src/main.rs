@@ -2,7 +2,7 @@
 //!
 //! Boots the sandbox's user space, keeps the Python REPL running (it serves
 //! port 1 itself) and serves hostd on port 0 of the virtio console: bash
-//! execs, Hello (clock + entropy after every restore), Ping.
+//! execs, terminal sessions, Hello (clock + entropy after every restore), Ping.
 //!
 //! Every guest syscall costs ~0.4 ms and a process spawn ~1 s on PVM (guest
 //! kernel code is emulated there), so the agent does its work with as few
@@ -15,6 +15,7 @@ mod env;
 mod exec;
 mod frames;
 mod port;
+mod pty;
 mod repl;
 mod selftest;
 mod serve;
@@ -30,7 +31,7 @@ const PORT_WAIT: Duration = Duration::from_secs(60);
 
 /// Test harness switch: serve port-0 frames on this inherited fd, skipping
 /// everything PID 1 does to the machine (mounts, hostname, clock, entropy,
-/// the REPL). Lets `cargo test` drive the exec service on the host.
+/// the REPL). Lets `cargo test` drive the port-0 services on the host.
 const TEST_PORT_FD_ENV: &str = "PODFLARE_AGENT_TEST_PORT_FD";
 
 fn main() {
@@ -90,6 +91,7 @@ fn main() {
     let server = serve::Server {
         port: port.clone(),
         execs,
+        ptys: pty::Ptys::new(port.clone(), env.clone()),
         urandom: sys::open("/dev/urandom", libc::O_WRONLY).ok(),
         set_clock: true,
     };
@@ -122,6 +124,7 @@ fn serve_test_fd(fd: std::os::fd::RawFd) -> ! {
     let server = serve::Server {
         port: port.clone(),
         execs,
+        ptys: pty::Ptys::new(port.clone(), env::child_env(false)),
         urandom: None,
         set_clock: false,
     };

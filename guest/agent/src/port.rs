@@ -80,3 +80,16 @@ impl Port {
         self.write_raw(&buf)
     }
 }
+
+/// Where a service sends its encoded frames: the port, or a test's buffer.
+pub trait Sink: Send + Sync {
+    /// Writes one or more whole frames, never interleaved with other
+    /// writers' frames.
+    fn send_frames(&self, bytes: &[u8]) -> io::Result<()>;
+}
+
+impl Sink for Port {
+    fn send_frames(&self, bytes: &[u8]) -> io::Result<()> {
+        self.write_raw(bytes)
+    }
+}

@@ -71,6 +71,7 @@ fn run_once(env: &[String], ready: &mpsc::Sender<()>) -> std::io::Result<(bool, 
                 ready_w.as_raw_fd(),
             ],
             new_group: true,
+            terminal: None,
         },
         Box::new(move |code| {
             let _ = tx.send(code);

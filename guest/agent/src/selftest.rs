@@ -23,6 +23,7 @@ fn capture(program: &str, args: &[&str], env: &[String]) -> io::Result<(String, 
             cwd: "/root",
             fds: &[devnull.as_raw_fd(), w.as_raw_fd(), w.as_raw_fd()],
             new_group: true,
+            terminal: None,
         },
         Box::new(move |code| {
             let _ = tx.send(code);
@@ -82,6 +83,7 @@ fn repl_roundtrip(env: &[String]) -> io::Result<(String, i32, Duration, Vec<Dura
                 theirs.as_raw_fd(),
             ],
             new_group: true,
+            terminal: None,
         },
         Box::new(|_| {}),
     )?;

@@ -3,8 +3,9 @@
 use crate::exec::Execs;
 use crate::frames::{decode_hex, FrameReader, InFrame};
 use crate::port::Port;
+use crate::pty::Ptys;
 use crate::sys;
-use podflare_proto::{Hello, Kind, Language, Ready, PROTOCOL_VERSION};
+use podflare_proto::{Hello, Kind, Language, PtyRequest, PtySize, Ready, PROTOCOL_VERSION};
 use serde::Deserialize;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -42,6 +43,10 @@ pub enum Action {
         code: String,
         stdin: bool,
     },
+    /// Start a terminal session.
+    Pty { stream: u32, req: PtyRequest },
+    /// A session's terminal has a new size.
+    Resize { stream: u32, size: PtySize },
     /// Feed stdin.
     Stdin { stream: u32, data: Vec<u8> },
     /// Close stdin.
@@ -95,6 +100,30 @@ pub fn classify(f: InFrame) -> Action {
                 payload: format!("malformed exec request: {e}").into_bytes(),
             },
         },
+        Kind::Pty => match serde_json::from_slice::<PtyRequest>(&f.payload) {
+            Ok(req) if req.argv.is_empty() => Action::Reply {
+                kind: Kind::Error,
+                stream: f.stream,
+                payload: b"pty request has an empty argv".to_vec(),
+            },
+            Ok(req) => Action::Pty {
+                stream: f.stream,
+                req,
+            },
+            Err(e) => Action::Reply {
+                kind: Kind::Error,
+                stream: f.stream,
+                payload: format!("malformed pty request: {e}").into_bytes(),
+            },
+        },
+        // A size that does not parse changes nothing; the session goes on.
+        Kind::Resize => match serde_json::from_slice::<PtySize>(&f.payload) {
+            Ok(size) => Action::Resize {
+                stream: f.stream,
+                size,
+            },
+            Err(_) => Action::Ignore,
+        },
         Kind::Stdin => Action::Stdin {
             stream: f.stream,
             data: f.payload,
@@ -106,9 +135,13 @@ pub fn classify(f: InFrame) -> Action {
             stream: f.stream,
             payload: f.payload,
         },
-        Kind::Ready | Kind::Stdout | Kind::Stderr | Kind::Exit | Kind::Error | Kind::Pong => {
-            Action::Ignore
-        }
+        Kind::Ready
+        | Kind::Stdout
+        | Kind::Stderr
+        | Kind::Exit
+        | Kind::Error
+        | Kind::Pong
+        | Kind::Started => Action::Ignore,
     }
 }
 
@@ -128,6 +161,8 @@ pub struct Server {
     pub port: Arc<Port>,
     /// Exec service.
     pub execs: Arc<Execs>,
+    /// Terminal sessions.
+    pub ptys: Arc<Ptys>,
     /// `/dev/urandom`, kept open so each Hello costs one ioctl.
     pub urandom: Option<OwnedFd>,
     /// Whether Hello sets the wall clock (not in the host test harness).
@@ -177,14 +212,39 @@ impl Server {
                 }
                 let _ = self.port.send(Kind::Ready, 0, &ready_payload());
             }
+            // One stream id names one thing: an exec or a session.
+            Action::Exec { stream, .. } | Action::Pty { stream, .. }
+                if self.execs.has(stream) || self.ptys.has(stream) =>
+            {
+                let _ = self
+                    .port
+                    .send(Kind::Error, stream, b"stream id already running");
+            }
             Action::Exec {
                 stream,
                 code,
                 stdin,
             } => self.execs.start(stream, code, stdin),
-            Action::Stdin { stream, data } => self.execs.stdin(stream, &data),
-            Action::CloseStdin { stream } => self.execs.close_stdin(stream),
-            Action::Cancel { stream } => self.execs.cancel(stream),
+            Action::Pty { stream, req } => self.ptys.start(stream, req),
+            Action::Resize { stream, size } => {
+                self.ptys.resize(stream, size);
+            }
+            // Sessions first; a stream that is not one may be an exec.
+            Action::Stdin { stream, data } => {
+                if !self.ptys.stdin(stream, &data) {
+                    self.execs.stdin(stream, &data)
+                }
+            }
+            Action::CloseStdin { stream } => {
+                if !self.ptys.close_stdin(stream) {
+                    self.execs.close_stdin(stream)
+                }
+            }
+            Action::Cancel { stream } => {
+                if !self.ptys.cancel(stream) {
+                    self.execs.cancel(stream)
+                }
+            }
             Action::Reply {
                 kind,
                 stream,
@@ -296,6 +356,83 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn pty_requests_decode_and_garbage_is_an_error() {
+        let a = classify(frame(
+            Kind::Pty,
+            4,
+            br#"{"argv":["bash","-l"],"size":{"cols":120,"rows":40},"cwd":"/tmp","env":[["A","1"]],"future_field":1}"#,
+        ));
+        assert_eq!(
+            a,
+            Action::Pty {
+                stream: 4,
+                req: PtyRequest {
+                    argv: vec!["bash".into(), "-l".into()],
+                    size: PtySize {
+                        cols: 120,
+                        rows: 40
+                    },
+                    cwd: Some("/tmp".into()),
+                    env: vec![("A".into(), "1".into())],
+                }
+            }
+        );
+        // cwd and env may be left out.
+        match classify(frame(
+            Kind::Pty,
+            5,
+            br#"{"argv":["sh"],"size":{"cols":80,"rows":24}}"#,
+        )) {
+            Action::Pty { stream: 5, req } => {
+                assert_eq!((req.cwd, req.env.len()), (None, 0));
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            &b"{"[..],
+            b"\xff\xfe",
+            br#"{"argv":[],"size":{"cols":80,"rows":24}}"#,
+            br#"{"argv":["sh"]}"#,
+            br#"{"argv":["sh"],"size":{"cols":-1,"rows":24}}"#,
+            br#"{"argv":["sh"],"size":{"cols":70000,"rows":24}}"#,
+            br#"{"argv":"sh","size":{"cols":80,"rows":24}}"#,
+            br#"{"argv":["sh"],"size":{"cols":80,"rows":24},"env":[["A"]]}"#,
+        ] {
+            match classify(frame(Kind::Pty, 9, bad)) {
+                Action::Reply {
+                    kind: Kind::Error,
+                    stream: 9,
+                    payload,
+                } => assert!(!payload.is_empty()),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn resize_decodes_and_garbage_is_ignored() {
+        assert_eq!(
+            classify(frame(Kind::Resize, 3, br#"{"cols":100,"rows":30}"#)),
+            Action::Resize {
+                stream: 3,
+                size: PtySize {
+                    cols: 100,
+                    rows: 30
+                }
+            }
+        );
+        for bad in [
+            &b""[..],
+            b"{",
+            br#"{"cols":100}"#,
+            br#"{"cols":1e9,"rows":1}"#,
+        ] {
+            assert_eq!(classify(frame(Kind::Resize, 3, bad)), Action::Ignore);
+        }
+        assert_eq!(classify(frame(Kind::Started, 3, b"")), Action::Ignore);
     }
 
     #[test]

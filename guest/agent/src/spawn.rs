@@ -46,6 +46,11 @@ pub struct Command<'a> {
     pub fds: &'a [RawFd],
     /// Put the child in a new process group (so Cancel can kill its tree).
     pub new_group: bool,
+    /// A terminal device (a pty slave's path) for a terminal session: the
+    /// child becomes a session leader (so also a new process group), opens
+    /// it as 0, which makes it the controlling terminal, copies it to 1 and
+    /// 2, and closes every other descriptor. `fds` must then be empty.
+    pub terminal: Option<&'a str>,
 }
 
 fn cstrings<'a>(items: impl IntoIterator<Item = &'a str>) -> io::Result<Vec<CString>> {
@@ -64,6 +69,16 @@ pub fn spawn(cmd: &Command<'_>, on_exit: OnExit) -> io::Result<libc::pid_t> {
     let argv_c = cstrings(cmd.args.iter().copied())?;
     let env_c = cstrings(cmd.env.iter().map(String::as_str))?;
     let cwd = cstrings([cmd.cwd])?.remove(0);
+    let terminal = match cmd.terminal {
+        Some(path) if cmd.fds.is_empty() => Some(cstrings([path])?.remove(0)),
+        Some(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a terminal session takes no other descriptors",
+            ))
+        }
+        None => None,
+    };
     let mut argv: Vec<*mut libc::c_char> = argv_c.iter().map(|s| s.as_ptr().cast_mut()).collect();
     argv.push(std::ptr::null_mut());
     let mut envp: Vec<*mut libc::c_char> = env_c.iter().map(|s| s.as_ptr().cast_mut()).collect();
@@ -90,9 +105,9 @@ pub fn spawn(cmd: &Command<'_>, on_exit: OnExit) -> io::Result<libc::pid_t> {
     let mut owners = table().owners.lock().unwrap_or_else(|e| e.into_inner());
     let mut pid: libc::pid_t = 0;
     // SAFETY: the file-action and attribute objects are initialised before use
-    // and destroyed after; every pointer (program, argv, envp, cwd) points at
-    // NUL-terminated strings owned by this frame that outlive posix_spawn,
-    // which copies what it needs before returning.
+    // and destroyed after; every pointer (program, argv, envp, cwd, terminal)
+    // points at NUL-terminated strings owned by this frame that outlive
+    // posix_spawn, which copies what it needs before returning.
     let rc = unsafe {
         let mut fa: libc::posix_spawn_file_actions_t = std::mem::zeroed();
         let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
@@ -102,12 +117,25 @@ pub fn spawn(cmd: &Command<'_>, on_exit: OnExit) -> io::Result<libc::pid_t> {
             // glibc clears close-on-exec even for dup2(n, n).
             libc::posix_spawn_file_actions_adddup2(&mut fa, fd, target as libc::c_int);
         }
-        libc::posix_spawn_file_actions_addchdir_np(&mut fa, cwd.as_ptr());
         let mut flags = libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
-        if cmd.new_group {
+        if let Some(tty) = &terminal {
+            // glibc runs setsid() before the file actions, so the open below
+            // (no O_NOCTTY) is a session leader's first terminal open: the
+            // kernel makes the terminal its controlling one, as TIOCSCTTY would.
+            // setsid() also makes a new process group; SETPGROUP must not be
+            // added (setpgid on a session leader fails).
+            flags |= libc::POSIX_SPAWN_SETSID as libc::c_int;
+            libc::posix_spawn_file_actions_addopen(&mut fa, 0, tty.as_ptr(), libc::O_RDWR, 0);
+            libc::posix_spawn_file_actions_adddup2(&mut fa, 0, 1);
+            libc::posix_spawn_file_actions_adddup2(&mut fa, 0, 2);
+            // The agent's own descriptors are close-on-exec, but one inherited
+            // without the flag (a test harness's socket) must not reach a shell.
+            libc::posix_spawn_file_actions_addclosefrom_np(&mut fa, 3);
+        } else if cmd.new_group {
             flags |= libc::POSIX_SPAWN_SETPGROUP;
             libc::posix_spawnattr_setpgroup(&mut attr, 0);
         }
+        libc::posix_spawn_file_actions_addchdir_np(&mut fa, cwd.as_ptr());
         // The Rust runtime ignores SIGPIPE in the agent; children expect the default.
         let mut def: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut def);

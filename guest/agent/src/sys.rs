@@ -117,6 +117,45 @@ pub fn set_nonblock(fd: &OwnedFd) -> io::Result<()> {
     check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) }).map(drop)
 }
 
+/// Opens a new pseudo-terminal master (`/dev/ptmx`: close-on-exec,
+/// non-blocking, never our controlling terminal). Its slave stays locked
+/// until [`pty_unlock`].
+pub fn pty_open() -> io::Result<OwnedFd> {
+    open(
+        "/dev/ptmx",
+        libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK,
+    )
+}
+
+/// Unlocks the slave of `master` so it can be opened (`unlockpt(3)`; on
+/// devpts `grantpt(3)` has nothing to do, the kernel sets the owner).
+pub fn pty_unlock(master: &OwnedFd) -> io::Result<()> {
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int from the valid `unlock`.
+    check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) }).map(drop)
+}
+
+/// The path of the slave of `master` (`ptsname(3)`, without its extra stat).
+pub fn pty_slave_path(master: &OwnedFd) -> io::Result<String> {
+    let mut n: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes one unsigned int into the valid `n`.
+    check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n) })?;
+    Ok(format!("/dev/pts/{n}"))
+}
+
+/// Sets a terminal's size (`TIOCSWINSZ`). On a pty master the kernel then
+/// sends SIGWINCH to the terminal's foreground process group.
+pub fn set_winsize(tty: &OwnedFd, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the valid `ws`.
+    check(unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) }).map(drop)
+}
+
 /// An eventfd (close-on-exec), used to wake a thread blocked in `poll`.
 pub fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the returned fd is fresh.
@@ -130,6 +169,21 @@ pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         // SAFETY: `buf` is valid writable memory of `buf.len()` bytes for the call.
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// One `write(2)`, retried on EINTR; returns how much was written.
+pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid readable memory of `buf.len()` bytes for the call.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
         if n >= 0 {
             return Ok(n as usize);
         }

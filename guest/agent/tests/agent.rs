@@ -225,3 +225,103 @@ fn control_frames_and_bad_input() {
     a.send(Kind::Stdin, 77, b"x");
     assert_eq!(a.run(8, "echo alive").0, "alive\n");
 }
+
+impl Agent {
+    /// Frames of a terminal session until its Exit or Error:
+    /// (kinds in order, output, exit code or -1).
+    fn session(&mut self, stream: u32) -> (Vec<Kind>, String, i32) {
+        let (mut kinds, mut out) = (Vec::new(), Vec::new());
+        loop {
+            let f = self.next();
+            assert_eq!(f.stream, stream, "stray frame {f:?}");
+            kinds.push(f.kind);
+            match f.kind {
+                Kind::Started => {}
+                Kind::Stdout => out.extend_from_slice(&f.payload),
+                Kind::Exit | Kind::Error => {
+                    let code = if f.kind == Kind::Exit {
+                        exit_code(&f.payload)
+                    } else {
+                        out = f.payload;
+                        -1
+                    };
+                    return (kinds, String::from_utf8_lossy(&out).into_owned(), code);
+                }
+                other => panic!("unexpected {other:?} on a terminal session"),
+            }
+        }
+    }
+
+    fn pty(&mut self, stream: u32, req: serde_json::Value) {
+        self.send(Kind::Pty, stream, req.to_string().as_bytes());
+    }
+}
+
+#[test]
+fn terminal_sessions_through_the_port() {
+    let mut a = Agent::start();
+    // An interactive shell with job control: it owns its terminal.
+    a.pty(
+        1,
+        serde_json::json!({
+            "argv": ["bash", "--norc", "--noprofile", "-i"],
+            "size": { "cols": 100, "rows": 30 },
+            "env": [["PS1", "$ "]],
+        }),
+    );
+    assert_eq!(a.next().kind, Kind::Started);
+    a.send(Kind::Stdin, 1, b"echo $((6*7)) $TERM; stty size\n");
+    let mut first = Vec::new();
+    while !String::from_utf8_lossy(&first).contains("30 100\r\n") {
+        let f = a.next();
+        assert_eq!((f.kind, f.stream), (Kind::Stdout, 1), "{f:?}");
+        first.extend_from_slice(&f.payload);
+    }
+    let first = String::from_utf8_lossy(&first).into_owned();
+    assert!(first.contains("42 xterm-256color\r\n"), "{first}");
+    assert!(!first.contains("no job control"), "{first}");
+    a.send(Kind::Resize, 1, br#"{"cols":50,"rows":20}"#);
+    a.send(Kind::Resize, 1, b"not a size");
+    a.send(Kind::Stdin, 1, b"stty size; pwd; exit 5\n");
+    let (kinds, out, code) = a.session(1);
+    assert_eq!(code, 5, "{out}");
+    assert_eq!(kinds.last(), Some(&Kind::Exit));
+    assert!(out.contains("20 50\r\n/root\r\n"), "{out}");
+
+    // Output written just before exit is all there before Exit.
+    a.pty(
+        2,
+        serde_json::json!({
+            "argv": ["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x"],
+            "size": { "cols": 80, "rows": 24 },
+        }),
+    );
+    let (kinds, out, code) = a.session(2);
+    assert_eq!((kinds[0], out.len(), code), (Kind::Started, 3_000_000, 0));
+
+    // A start failure is one Error frame; a bad request too.
+    a.pty(
+        3,
+        serde_json::json!({ "argv": ["no-such-program"], "size": { "cols": 80, "rows": 24 } }),
+    );
+    assert_eq!(
+        a.session(3),
+        (
+            vec![Kind::Error],
+            "spawn failed: No such file or directory (no-such-program)".into(),
+            -1
+        )
+    );
+    a.send(Kind::Pty, 4, b"{");
+    assert_eq!(a.session(4).0, [Kind::Error]);
+
+    // Sessions and execs side by side; Cancel reaches the session.
+    a.pty(
+        5,
+        serde_json::json!({ "argv": ["sleep", "60"], "size": { "cols": 80, "rows": 24 } }),
+    );
+    assert_eq!(a.next().kind, Kind::Started);
+    assert_eq!(a.run(6, "echo exec").0, "exec\n");
+    a.send(Kind::Cancel, 5, b"");
+    assert_eq!(a.session(5), (vec![Kind::Exit], String::new(), 137));
+}

@@ -53,6 +53,14 @@ pub enum Kind {
     Cancel = 5,
     /// Host -> guest: echo request (raw payload comes back in `Pong`).
     Ping = 6,
+    /// Host -> guest (agent port): JSON [`PtyRequest`]; starts a terminal
+    /// session as stream `stream`. Its output comes back as `Stdout`, its
+    /// input goes in as `Stdin`, `Cancel` kills its process group, and it
+    /// ends with `Exit` (or `Error` if it could not start).
+    Pty = 7,
+    /// Host -> guest: JSON [`PtySize`]; the terminal of stream `stream` has
+    /// a new size (its foreground process group gets SIGWINCH).
+    Resize = 8,
     /// Guest -> host: JSON [`Ready`]; the end speaking on this port is serving.
     Ready = 64,
     /// Guest -> host: raw stdout bytes of stream `stream`.
@@ -65,6 +73,9 @@ pub enum Kind {
     Error = 68,
     /// Guest -> host: reply to `Ping` with the same payload.
     Pong = 69,
+    /// Guest -> host: empty; the command of stream `stream` is running (a
+    /// terminal session is ready for input).
+    Started = 70,
 }
 
 impl Kind {
@@ -77,12 +88,15 @@ impl Kind {
             4 => Kind::CloseStdin,
             5 => Kind::Cancel,
             6 => Kind::Ping,
+            7 => Kind::Pty,
+            8 => Kind::Resize,
             64 => Kind::Ready,
             65 => Kind::Stdout,
             66 => Kind::Stderr,
             67 => Kind::Exit,
             68 => Kind::Error,
             69 => Kind::Pong,
+            70 => Kind::Started,
             _ => return None,
         })
     }
@@ -115,6 +129,32 @@ pub struct ExecRequest {
     pub language: Language,
     /// Source code (python) or script (bash).
     pub code: String,
+}
+
+/// Start a terminal session: `argv` runs as a session leader with a new
+/// pseudo-terminal as its controlling terminal and stdin/stdout/stderr,
+/// `TERM=xterm-256color`, the agent's environment plus `env`, in `cwd`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PtyRequest {
+    /// Program and arguments (`argv[0]` is looked up in `PATH`).
+    pub argv: Vec<String>,
+    /// Terminal size.
+    pub size: PtySize,
+    /// Working directory (the agent's default when `None`).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Extra environment, in order (later wins).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+}
+
+/// A terminal size in character cells.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PtySize {
+    /// Columns.
+    pub cols: u16,
+    /// Rows.
+    pub rows: u16,
 }
 
 /// Announced by an end that starts serving a port.

@@ -14,7 +14,8 @@ use nix::sys::socket::{send, MsgFlags};
 
 use crate::api::error::ApiError;
 use crate::obs::Logger;
-use crate::sandbox::{ExecStream, StreamItem};
+use crate::sandbox::exec::EventStream;
+use crate::sandbox::StreamItem;
 
 /// A complete reply, before framing.
 #[derive(Debug)]
@@ -139,14 +140,15 @@ pub fn frame_line(chunked: bool, line: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Writes the exec stream as a chunked NDJSON response (close-delimited for
-/// HTTP/1.0), one chunk per line, each sent at once. If the client goes
-/// away or stops reading for the write timeout, the stream is still drained
-/// to its end without writing, so the sandbox's queue and replay stay
-/// right. Returns whether the connection is still usable.
+/// Writes an event stream (an exec's or a terminal session's) as a chunked
+/// NDJSON response (close-delimited for HTTP/1.0), one chunk per line, each
+/// sent at once. If the client goes away or stops reading for the write
+/// timeout, the stream is abandoned ([`EventStream::abandon`]: an exec is
+/// still drained to its end without writing, so the sandbox's queue and
+/// replay stay right). Returns whether the connection is still usable.
 pub fn write_stream(
     stream: &TcpStream,
-    mut exec: ExecStream,
+    mut events: impl EventStream,
     chunked: bool,
     close: bool,
     timeout: Duration,
@@ -156,38 +158,20 @@ pub fn write_stream(
     head.push_str(if chunked { "Transfer-Encoding: chunked\r\n" } else { "" });
     head.push_str(if close { "Connection: close\r\n\r\n" } else { "\r\n" });
     if write_within(stream, head.as_bytes(), timeout).is_err() {
-        drain_elsewhere(exec, log);
+        events.abandon(log);
         return false;
     }
-    while let Some(item) = exec.next_item() {
+    while let Some(item) = events.next_item() {
         let line: &[u8] = match &item {
             StreamItem::Event(l) => l,
             StreamItem::KeepAlive => b"",
         };
         if write_within(stream, &frame_line(chunked, line), timeout).is_err() {
-            drain_elsewhere(exec, log);
+            events.abandon(log);
             return false;
         }
     }
     !chunked || write_within(stream, b"0\r\n\r\n", timeout).is_ok()
-}
-
-/// The client is gone or stopped reading: the exec still runs to its end
-/// (queue order, replay), but on a thread of its own, so an endless exec
-/// nobody reads does not keep a worker. These threads are bounded by the
-/// stream slots each abandoned exec still holds.
-fn drain_elsewhere(mut exec: ExecStream, log: &Logger) {
-    let spawned = std::thread::Builder::new()
-        .name("exec-drain".into())
-        .spawn(move || while exec.next_item().is_some() {});
-    if let Err(e) = spawned {
-        // Dropping the stream is the fallback: the queue moves on, replay
-        // misses the rest of this exec's output.
-        log.error(
-            "cannot start a thread to drain an abandoned exec stream",
-            &[("cause", serde_json::json!(e.to_string()))],
-        );
-    }
 }
 
 #[cfg(test)]

@@ -231,10 +231,14 @@ fn serve(ctx: &Ctx, conn: &Conn, head: &Head, body: &[u8]) -> bool {
     let head_only = head.method == "HEAD";
     let w = ctx.limits.write;
     let (resp, sandbox) = match outcome {
+        // HTTP/1.0 has no chunked encoding: the close ends the stream.
         Ok(Reply::Stream(exec)) => {
-            // HTTP/1.0 has no chunked encoding: the close ends the stream.
-            let chunked = !head.http10;
-            let ok = write_stream(&conn.stream, exec, chunked, head.close, w, &ctx.log);
+            let ok = write_stream(&conn.stream, exec, !head.http10, head.close, w, &ctx.log);
+            log_request(ctx, Some(head), 200, started, None);
+            return ok && !head.close;
+        }
+        Ok(Reply::Pty(session)) => {
+            let ok = write_stream(&conn.stream, session, !head.http10, head.close, w, &ctx.log);
             log_request(ctx, Some(head), 200, started, None);
             return ok && !head.close;
         }

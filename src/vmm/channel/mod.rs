@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use podflare_proto::{encode, encode_json, Decoder, ExecRequest, Frame, Hello, Kind, Language};
+use podflare_proto::{encode, encode_json, Decoder, ExecRequest, Frame, Hello, Kind, Language, PtyRequest, PtySize};
 
 use crate::devices::virtio::console::{ConsoleHandle, ConsoleSink, SinkFlow};
 use crate::devices::DeviceError;
@@ -231,12 +231,21 @@ impl Channel {
         Ok(())
     }
 
-    /// Starts an exec: Python on the REPL port, bash on the agent port.
-    pub fn exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, ChannelError> {
-        let port = match language {
-            Language::Python => podflare_proto::REPL_PORT,
-            Language::Bash => podflare_proto::AGENT_PORT,
-        };
+    /// In a fork child: a stream for an id the parent opened before the fork
+    /// (a terminal session the child's guest runs too), on the agent port.
+    /// Output the child sent before this call is gone; what follows arrives.
+    pub fn adopt_stream(&self, stream: u32) -> Result<StreamRx<ExecChunk>, ChannelError> {
+        self.open_stream_as(podflare_proto::AGENT_PORT, Some(stream)).map(|(_, rx)| rx)
+    }
+
+    /// A new stream id on `port` and the bounded stream its output goes to;
+    /// reading it down below its limit resumes a port paused for it.
+    fn open_stream(&self, port: u32) -> Result<(u32, StreamRx<ExecChunk>), ChannelError> {
+        self.open_stream_as(port, None)
+    }
+
+    /// `open_stream` under a given id, or a new one.
+    fn open_stream_as(&self, port: u32, given: Option<u32>) -> Result<(u32, StreamRx<ExecChunk>), ChannelError> {
         let (tx, rx) = stream::bounded(EXEC_STREAM_LIMIT);
         let weak: Weak<Shared> = Arc::downgrade(&self.shared);
         tx.on_drain(move || {
@@ -251,11 +260,27 @@ impl Channel {
             if let Some(f) = &inner.failed {
                 return Err(ChannelError::Failed(f.clone()));
             }
-            let id = inner.next_stream;
-            inner.next_stream = inner.next_stream.wrapping_add(1).max(1);
+            let id = match given {
+                Some(id) => id,
+                None => {
+                    let id = inner.next_stream;
+                    inner.next_stream = inner.next_stream.wrapping_add(1).max(1);
+                    id
+                }
+            };
             inner.streams.insert(id, tx);
             id
         };
+        Ok((stream, rx))
+    }
+
+    /// Starts an exec: Python on the REPL port, bash on the agent port.
+    pub fn exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, ChannelError> {
+        let port = match language {
+            Language::Python => podflare_proto::REPL_PORT,
+            Language::Bash => podflare_proto::AGENT_PORT,
+        };
+        let (stream, rx) = self.open_stream(port)?;
         // Checked here too (the API refuses such code first): the encoder
         // panics on an oversized payload, and that must never be reachable.
         let payload = serde_json::to_vec(&ExecRequest { language, code: code.to_string() }).unwrap_or_default();
@@ -271,6 +296,38 @@ impl Channel {
             return Err(e);
         }
         Ok(rx)
+    }
+
+    /// Starts a terminal session on the agent's port; returns its stream id
+    /// (for [`Channel::to_stream`]) and its output. Unlike an exec's, a
+    /// session's stream is read by a pump that never stops, so its limit
+    /// only matters if the host itself falls behind.
+    pub fn pty(&self, req: &PtyRequest) -> Result<(u32, StreamRx<ExecChunk>), ChannelError> {
+        let port = podflare_proto::AGENT_PORT;
+        let (stream, rx) = self.open_stream(port)?;
+        let mut frame = Vec::new();
+        encode_json(&mut frame, Kind::Pty, stream, req);
+        if let Err(e) = self.send(port, &frame) {
+            lock(&self.shared.inner).streams.remove(&stream);
+            return Err(e);
+        }
+        Ok((stream, rx))
+    }
+
+    /// Sends a control frame (`Stdin`, `Resize`, `Cancel`) for `stream` on
+    /// the agent's port. Payloads over the frame limit are refused here.
+    pub fn to_stream(&self, kind: Kind, stream: u32, payload: &[u8]) -> Result<(), ChannelError> {
+        if payload.len() > podflare_proto::MAX_PAYLOAD {
+            return Err(ChannelError::Failed(format!("{} bytes are over the frame limit", payload.len())));
+        }
+        let mut frame = Vec::new();
+        encode(&mut frame, kind, stream, payload);
+        self.send(podflare_proto::AGENT_PORT, &frame)
+    }
+
+    /// A `Resize` payload.
+    pub fn resize_payload(cols: u16, rows: u16) -> Vec<u8> {
+        serde_json::to_vec(&PtySize { cols, rows }).unwrap_or_default()
     }
 
     /// Round trip of a tiny message through the agent (benchmarks, health).
@@ -308,6 +365,11 @@ fn route(inner: &mut Inner, port: usize, frame: Frame) -> Flow {
                     ExecChunk::Stderr(frame.payload)
                 };
                 return tx.push(chunk);
+            }
+        }
+        Kind::Started => {
+            if let Some(tx) = inner.streams.get(&frame.stream) {
+                return tx.push(ExecChunk::Started);
             }
         }
         Kind::Exit => {
