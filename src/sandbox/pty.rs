@@ -490,8 +490,14 @@ mod tests {
         }
         tx.push(ExecChunk::Exit(0));
         let s = sessions.get("pty_2").unwrap();
-        let (data, next, exited, code) = s.read(0, usize::MAX, Duration::from_secs(5));
-        assert!(exited && code == Some(0));
+        // `read` answers as soon as any data exists, which can be before the
+        // pump has taken the exit: wait for the end, then read it all.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !s.read(0, 0, Duration::ZERO).2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (data, next, exited, code) = s.read(0, usize::MAX, Duration::ZERO);
+        assert!(exited && code == Some(0), "exited {exited}, code {code:?}");
         assert_eq!(next, 40);
         assert_eq!(data.len(), REPLAY_BYTES, "16 chunks of 64 KiB kept");
         assert_eq!(data[0], 24, "the oldest kept chunk is number 24");
