@@ -24,7 +24,10 @@ Threads:
 Environment (set by the agent, removed before user code runs):
 PODFLARE_READY_FD  one byte is written there once the port is served;
 PODFLARE_WARMUP    comma list of modules to import at start (so a template
-                   snapshot holds them warm).
+                   snapshot holds them warm);
+PODFLARE_PREPARE_HEAP=1  prepare the heap (below) before reporting ready;
+PODFLARE_HEAP_RESERVE_MIB  guest memory the prepared heap leaves free (96);
+PYTHONMALLOC=malloc  Python's objects come from glibc malloc.
 For tests: PODFLARE_REPL_PORT_FD (an inherited fd to serve instead of the
 port) or PODFLARE_REPL_PORT_PATH.
 """
@@ -573,6 +576,96 @@ class Repl:
                     self.busy -= 1
 
 
+# --- the prepared heap ------------------------------------------------------
+# A first-touch page fault runs in the guest kernel, which a PVM host emulates
+# (~2.5 ms per 4 KiB page, ~0.5 ms with huge pages). So the REPL's memory is
+# faulted in once, while the template is built, and kept: every later Python
+# object, bytearray and numpy buffer is carved from pages the snapshot already
+# maps. The agent starts the REPL with PYTHONMALLOC=malloc (Python's object
+# allocator would take fresh 1 MiB arenas from mmap), and these settings route
+# glibc malloc to one brk heap that does not shrink below the prepared size.
+# Zero pages are holes in the snapshot file, so the prepared pages cost the
+# host nothing until a sandbox writes them.
+
+# mallopt parameters (glibc malloc.h).
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+MADV_FREE = 8
+HUGE = 2 << 20
+# Guest memory the prepared heap leaves to everything else (kernel, page
+# cache, files in the RAM overlay, other processes): MiB.
+HEAP_RESERVE_MIB = int(os.environ.pop("PODFLARE_HEAP_RESERVE_MIB", "96"))
+_libc = None
+# What prepare_heap() prepared in this process (MiB), for tests and benches:
+# `sys.modules["__main__"].PREPARED_HEAP_MIB` from an exec.
+PREPARED_HEAP_MIB = 0
+
+
+def _mallopt(param, value):
+    return _libc is not None and _libc.mallopt(param, value) == 1
+
+
+def heap_settings():
+    """One brk heap (no mmap for large blocks, one arena for every thread),
+    never trimmed while this runs; called before any thread starts."""
+    global _libc
+    try:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    except (ImportError, OSError, AttributeError) as e:
+        sys.stderr.write("podflare-repl: no mallopt (%s): the heap is not prepared\n" % e)
+        _libc = None
+        return
+    for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)):
+        _mallopt(param, value)
+
+
+def mem_available_mib():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def prepare_heap():
+    """Faults in all guest memory but the reserve as free heap, then lets the
+    guest kernel take those pages back under memory pressure until they are
+    written again (MADV_FREE: no fault when they are reused). From then on
+    the heap keeps that much free memory when it trims. Returns the prepared
+    MiB (0: nothing prepared)."""
+    if _libc is None:
+        return 0
+    import ctypes
+
+    mib = (mem_available_mib() - HEAP_RESERVE_MIB) // 2 * 2
+    if mib <= 0:
+        return 0
+    n = mib << 20
+    try:
+        block = bytearray(n)  # malloc from the brk top, then memset: every page faulted
+    except MemoryError:
+        return 0
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(block))
+    # Whole huge pages inside the block only: the chunk header before `addr`
+    # stays, and no huge page is split.
+    start = (addr + HUGE - 1) // HUGE * HUGE
+    end = (addr + n) // HUGE * HUGE
+    if end > start:
+        _libc.madvise(start, end - start, MADV_FREE)
+    del block
+    # Trimming (after a free leaves more than the prepared size plus 32 MiB
+    # on top) gives back only what lies beyond the prepared size.
+    _mallopt(M_TOP_PAD, n)
+    _mallopt(M_TRIM_THRESHOLD, n + (32 << 20))
+    return mib
+
+
 def warm_up():
     names = os.environ.pop("PODFLARE_WARMUP", "")
     for name in filter(None, (n.strip() for n in names.split(","))):
@@ -594,6 +687,9 @@ def signal_ready():
 
 
 def main():
+    os.environ.pop("PYTHONMALLOC", None)  # this process only, not its children
+    prepare = os.environ.pop("PODFLARE_PREPARE_HEAP", None) == "1"
+    heap_settings()
     warm_up()
     port = Port(find_port())
     repl = Repl(port)
@@ -611,6 +707,9 @@ def main():
 
     gc.collect()
     gc.freeze()
+    if prepare:
+        global PREPARED_HEAP_MIB
+        PREPARED_HEAP_MIB = prepare_heap()
     signal_ready()
     repl.serve()
 

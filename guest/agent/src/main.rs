@@ -49,6 +49,7 @@ fn main() {
     // 1. Root file system: read-only base image + RAM overlay.
     let overlay = boot::overlay_root();
     boot::pseudo_filesystems();
+    boot::memory_settings();
     let flags = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     if let Err(e) = overlay {
         console::line(&format!(

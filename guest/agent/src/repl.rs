@@ -16,8 +16,15 @@ const WARMUP_FILE: &str = "/etc/podflare/warmup";
 /// Starts the REPL and restarts it whenever it dies. `ready` gets one message
 /// the first time a REPL reports (one byte on the pipe named by
 /// `PODFLARE_READY_FD`) that it serves its port.
+///
+/// Every REPL runs with Python's object allocator off (`PYTHONMALLOC=malloc`:
+/// its arenas would be fresh `mmap`s, each page a first-touch fault), so all
+/// its memory comes from the one glibc heap `repl.py` sets up. The first
+/// one, whose memory the template snapshot keeps, also prepares that heap
+/// (`PODFLARE_PREPARE_HEAP`); a REPL restarted later grows it as it goes.
 pub fn supervise(mut env: Vec<String>, ready: mpsc::Sender<()>) -> ! {
     env.push("PODFLARE_READY_FD=3".into());
+    env.push("PYTHONMALLOC=malloc".into());
     if let Ok(list) = std::fs::read_to_string(WARMUP_FILE) {
         let list = list
             .split([',', ' ', '\n', '\t'])
@@ -29,9 +36,13 @@ pub fn supervise(mut env: Vec<String>, ready: mpsc::Sender<()>) -> ! {
         }
     }
     let mut quick_deaths: u32 = 0;
+    let mut first = env.clone();
+    first.push("PODFLARE_PREPARE_HEAP=1".into());
+    let mut starts: u64 = 0;
     loop {
         let started = Instant::now();
-        match run_once(&env, &ready) {
+        starts += 1;
+        match run_once(if starts == 1 { &first } else { &env }, &ready) {
             Ok((true, _)) => {}
             Ok((false, code)) => console::line(&format!(
                 "podflare-agent: python REPL exited with status {code} before it was ready"
