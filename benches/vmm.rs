@@ -7,7 +7,7 @@
 //! skipped without it), `PODFLARE_BENCH_COLD_BOOTS` (3), `PODFLARE_BENCH_IDLE_MAX`
 //! (600: cap on the idle-density run), `PODFLARE_BENCH_QEMU` (path of
 //! scripts/qemu-boot; the QEMU figure is skipped without it), `PODFLARE_BENCH_ONLY`
-//! (comma list of setup,restore,throughput,fork,http,pool,idle,density,cold);
+//! (comma list of setup,restore,memory,throughput,fork,http,pty,pool,idle,density,cold);
 //! `PODFLARE_BENCH_FORK_MIB` (100: parent state in the fork rows),
 //! `PODFLARE_BENCH_FORK_RUNS` (5: runs per fork row);
 //! `PODFLARE_BENCH_IDLE_NEIGHBOURS` (200: idle sandboxes in the idle rows);
@@ -490,6 +490,129 @@ fn bench_restore(b: &mut Bench, f: &VmFactory) {
     b.row("host private memory per idle restored sandbox", format!("{:.1} MiB", median(&private)), "<= 10 MiB", "Private_Dirty of its guest-memory mapping after one exec", n);
 }
 
+/// Runs `code` to a zero exit; its stdout and how long the exec took.
+fn py_out(g: &dyn Guest, code: &str, what: &str) -> (Duration, String) {
+    let rx = g.exec(Language::Python, code).expect("exec");
+    let t = Instant::now();
+    let mut out = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(600)) {
+            Ok(ExecChunk::Stdout(b)) => out.extend_from_slice(&b),
+            Ok(ExecChunk::Stderr(_) | ExecChunk::Started) => {}
+            Ok(ExecChunk::Exit(0)) => return (t.elapsed(), String::from_utf8_lossy(&out).into_owned()),
+            Ok(ExecChunk::Exit(c)) => panic!("{what}: exit {c}"),
+            Ok(ExecChunk::Failed(m)) => panic!("{what}: {m}"),
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+/// Anonymous memory mapped fresh and touched a page at a time: the guest
+/// kernel's first-touch fault, as any new process takes it. Prints the
+/// milliseconds per 4 KiB page.
+fn fault_probe_py(mib: usize) -> String {
+    format!(
+        "import mmap, time
+n = {mib} << 20
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+t = time.perf_counter()
+for off in range(0, n, 4096):
+    m[off] = 1
+print((time.perf_counter() - t) * 1e3 / (n // 4096))
+m.close()
+"
+    )
+}
+
+/// Memory at native speed: allocation-heavy execs in fresh restored
+/// sandboxes (each sample its own sandbox, so the host's first write to
+/// each page is in the figure), the guest kernel's first-touch fault, and
+/// the `python-datasci` rows (in quick mode only when that template's
+/// snapshot is already cached: building it is a 4-minute cold boot here).
+fn bench_memory(b: &mut Bench, f: &VmFactory, cfg: &VmmConfig) {
+    let n = b.pick(5, 2);
+    let spec = |t: &str| GuestSpec { template: t.into(), egress: true, sandbox_id: String::new() };
+    let mut big = Vec::new();
+    let mut big_again = Vec::new();
+    let mut list = Vec::new();
+    let mut fault = Vec::new();
+    let mut prepared = 0.0;
+    for i in 0..n {
+        let g = f.create_running(&spec("default")).expect("create");
+        py_ok(&g, "print(1)", "first exec");
+        if i == 0 {
+            let (_, out) = py_out(&g, "import sys\nprint(sys.modules['__main__'].PREPARED_HEAP_MIB)", "prepared heap");
+            prepared = out.trim().parse().unwrap_or(f64::NAN);
+        }
+        list.push(ms(py_ok(&g, "x = [i for i in range(1_000_000)]\ndel x", "list")));
+        big.push(ms(py_ok(&g, "b = bytearray(256 << 20)\ndel b", "bytearray")));
+        big_again.push(ms(py_ok(&g, "b = bytearray(256 << 20)\ndel b", "bytearray again")));
+        let (_, out) = py_out(&g, &fault_probe_py(b.pick(16, 8)), "fault probe");
+        fault.push(out.trim().parse().unwrap_or(f64::NAN));
+    }
+    let what = "`bytearray(256 << 20)` in a restored sandbox";
+    b.samples(what, "latency", &big, Some(1000.0));
+    b.row(
+        what,
+        format!("{:.0} ms", median(&big)),
+        "<= 1 s",
+        &format!(
+            "exec round trip, each sample a fresh sandbox; no guest page fault (prepared heap: {prepared:.0} MiB); the time is the host's first write to each 4 KiB page (shadow paging on PVM); again in the same sandbox {:.0} ms",
+            median(&big_again)
+        ),
+        n,
+    );
+    let what = "a list of 1,000,000 ints in a restored sandbox";
+    b.samples(what, "latency", &list, Some(300.0));
+    b.row(what, format!("{:.0} ms", median(&list)), "<= 0.3 s", "`[i for i in range(1_000_000)]`, exec round trip", n);
+    let what = "first-touch page fault of fresh memory, per 4 KiB";
+    b.row(
+        what,
+        format!("{:.3} ms", median(&fault)),
+        "<= 0.5 ms",
+        &format!("a fresh private anonymous mapping of {} MiB touched a page at a time (the path every new process takes); transparent huge pages on", b.pick(16, 8)),
+        n,
+    );
+    let cached = std::fs::read_dir(cfg.cache_dir.join("snapshots").join("python-datasci"))
+        .map(|d| d.flatten().any(|e| e.path().join("state").exists()))
+        .unwrap_or(false);
+    let rows = [
+        ("`np.ones((1000, 1000)).sum()` in `python-datasci`", "import numpy as np\nnp.ones((1000, 1000)).sum()"),
+        ("`pd.DataFrame(np.random.rand(200_000, 10))` in `python-datasci`", "import numpy as np, pandas as pd\npd.DataFrame(np.random.rand(200_000, 10))"),
+        ("`np.random.rand(512, 512)` then `a @ a` in `python-datasci`", "import numpy as np\na = np.random.rand(512, 512)\na @ a"),
+    ];
+    if b.quick && !cached {
+        for (what, _) in rows {
+            b.row(what, "not measured".into(), "<= 0.3 s", "quick mode: no cached `python-datasci` snapshot (a full run or `scripts/test` builds it)", 0);
+        }
+        return;
+    }
+    let mut c = cfg.clone();
+    c.templates = vec!["python-datasci".into()];
+    c.pool_size = 0;
+    let ds = match VmFactory::open(c) {
+        Ok(ds) => ds,
+        Err(e) => {
+            for (what, _) in rows {
+                b.row(what, format!("failed: {e}"), "<= 0.3 s", "", 0);
+            }
+            return;
+        }
+    };
+    let mut times = vec![Vec::new(); rows.len()];
+    for _ in 0..n {
+        let g = ds.create_running(&spec("python-datasci")).expect("create");
+        py_ok(&g, "print(1)", "first exec");
+        for (k, (_, code)) in rows.iter().enumerate() {
+            times[k].push(ms(py_ok(&g, code, "datasci")));
+        }
+    }
+    for ((what, _), t) in rows.iter().zip(times) {
+        b.samples(what, "latency", &t, Some(300.0));
+        b.row(what, format!("{:.0} ms", median(&t)), "<= 0.3 s", "exec round trip in a fresh restored sandbox, one after the other", n);
+    }
+}
+
 /// fork(n) of a sandbox holding `PODFLARE_BENCH_FORK_MIB` (100; quick 2) MiB
 /// of non-zero Python state made in user space, `PODFLARE_BENCH_FORK_RUNS`
 /// (5; quick 2) runs per n; server-side figures from the factory.
@@ -880,6 +1003,176 @@ fn bench_http(b: &mut Bench, base: &str) {
     b.row(eight, format!("{m:.2} ms (p95 {p:.2})"), "-", "2 host cores shared by 8 guests", 8 * n8);
 }
 
+/// One NDJSON stream response (a PTY session), read line by line.
+struct NdjsonStream {
+    stream: BufReader<TcpStream>,
+    /// The current chunk's bytes not read yet.
+    left: usize,
+    line: Vec<u8>,
+}
+
+impl NdjsonStream {
+    /// Sends `POST path` with `body` on a fresh connection and reads the
+    /// response head; a non-200 answer is an error with its body.
+    fn open(base: &str, path: &str, body: &str) -> Result<Self, String> {
+        let mut c = HttpClient::connect(base).map_err(|e| e.to_string())?;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            c.host,
+            body.len()
+        );
+        c.stream.get_mut().write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        c.stream.get_ref().set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
+        let mut status = String::new();
+        c.stream.read_line(&mut status).map_err(|e| e.to_string())?;
+        loop {
+            let mut h = String::new();
+            c.stream.read_line(&mut h).map_err(|e| e.to_string())?;
+            if h.trim_end().is_empty() {
+                break;
+            }
+        }
+        if status.split_whitespace().nth(1) != Some("200") {
+            return Err(format!("{path}: {}", status.trim_end()));
+        }
+        Ok(NdjsonStream { stream: c.stream, left: 0, line: Vec::new() })
+    }
+
+    /// The next JSON event (keep-alive blank lines skipped); `None` at the
+    /// end of the stream.
+    fn next(&mut self) -> Result<Option<Value>, String> {
+        loop {
+            if self.left == 0 {
+                let mut size = String::new();
+                self.stream.read_line(&mut size).map_err(|e| e.to_string())?;
+                if size.trim().is_empty() {
+                    // The CRLF after the previous chunk's data.
+                    size.clear();
+                    self.stream.read_line(&mut size).map_err(|e| e.to_string())?;
+                }
+                self.left = usize::from_str_radix(size.trim(), 16).map_err(|_| format!("bad chunk size {size:?}"))?;
+                if self.left == 0 {
+                    return Ok(None);
+                }
+            }
+            let mut byte = [0u8; 1];
+            self.stream.read_exact(&mut byte).map_err(|e| e.to_string())?;
+            self.left -= 1;
+            if byte[0] != b'\n' {
+                self.line.push(byte[0]);
+            } else if !self.line.is_empty() {
+                let v = serde_json::from_slice(&self.line).map_err(|e| e.to_string());
+                self.line.clear();
+                return v.map(Some);
+            }
+        }
+    }
+
+    /// Reads events until one of `kind`; the bytes of the `pty_data` events
+    /// passed on the way are appended to `seen`.
+    fn until(&mut self, kind: &str, seen: &mut Vec<u8>) -> Result<Value, String> {
+        use base64::Engine as _;
+        loop {
+            let ev = self.next()?.ok_or_else(|| format!("stream ended before {kind}"))?;
+            if ev["type"] == "pty_data" {
+                let b = base64::engine::general_purpose::STANDARD
+                    .decode(ev["data_b64"].as_str().unwrap_or(""))
+                    .map_err(|e| e.to_string())?;
+                seen.extend_from_slice(&b);
+            }
+            if ev["type"] == kind {
+                return Ok(ev);
+            }
+            if ev["type"] == "pty_error" || ev["type"] == "pty_exit" {
+                return Err(format!("waiting for {kind}: {ev}"));
+            }
+        }
+    }
+
+    /// Reads `pty_data` until `want` has arrived in the bytes after `seen`'s
+    /// current end.
+    fn until_bytes(&mut self, want: &[u8], seen: &mut Vec<u8>) -> Result<(), String> {
+        let from = seen.len();
+        while !seen[from..].windows(want.len()).any(|w| w == want) {
+            self.until("pty_data", seen)?;
+        }
+        Ok(())
+    }
+}
+
+/// A raw-mode echo program: every byte it reads goes straight back, as an
+/// editor or a REPL driven by keystrokes answers a key; `~` ends it.
+const PTY_ECHO_PY: &str = "import os, tty\ntty.setraw(0)\nos.write(1, b'READY')\nwhile True:\n    b = os.read(0, 64)\n    os.write(1, b)\n    if b'~' in b: break\n";
+
+/// PTY rows: `pty_ready` (POST .../pty until its first event) and the
+/// keystroke echo round trip (POST .../input until the echoed byte's
+/// `pty_data`), through a running hostd.
+fn bench_pty(b: &mut Bench, base: &str) {
+    use base64::Engine as _;
+    let ready_row = "PTY session: POST .../pty -> `pty_ready`";
+    let echo_row = "PTY keystroke echo: POST .../input -> its `pty_data`";
+    let sessions = b.pick(5, 2);
+    let keys = b.pick(50, 10);
+    let run = || -> Result<(Vec<f64>, Vec<f64>), String> {
+        let mut c = HttpClient::connect(base).map_err(|e| e.to_string())?;
+        let (st, body) = c.request("POST", "/v1/sandboxes", "{}").map_err(|e| e.to_string())?;
+        if st != 200 {
+            return Err(format!("create: {st} {body}"));
+        }
+        let id = serde_json::from_str::<Value>(&body).map_err(|e| e.to_string())?["id"].as_str().unwrap_or("").to_string();
+        let open = serde_json::to_string(&json!({ "argv": ["python3", "-c", PTY_ECHO_PY], "cols": 80, "rows": 24 })).unwrap_or_default();
+        let mut ready = Vec::new();
+        let mut echo = Vec::new();
+        let result = (|| {
+            for s in 0..sessions {
+                let t = Instant::now();
+                let mut stream = NdjsonStream::open(base, &format!("/v1/sandboxes/{id}/pty"), &open)?;
+                let mut seen = Vec::new();
+                let ev = stream.until("pty_ready", &mut seen)?;
+                ready.push(ms(t.elapsed()));
+                let pty = ev["session_id"].as_str().unwrap_or("").to_string();
+                stream.until_bytes(b"READY", &mut seen)?;
+                let input = format!("/v1/sandboxes/{id}/pty/{pty}/input");
+                if s + 1 == sessions {
+                    for k in 0..keys + 2 {
+                        let key = [b'a' + (k % 26) as u8];
+                        let body = json!({ "data_b64": base64::engine::general_purpose::STANDARD.encode(key) }).to_string();
+                        let t = Instant::now();
+                        let (st, resp) = c.request("POST", &input, &body).map_err(|e| e.to_string())?;
+                        if !(200..300).contains(&st) {
+                            return Err(format!("input: {st} {resp}"));
+                        }
+                        stream.until_bytes(&key, &mut seen)?;
+                        if k >= 2 {
+                            echo.push(ms(t.elapsed()));
+                        }
+                    }
+                }
+                let end = json!({ "data_b64": base64::engine::general_purpose::STANDARD.encode(b"~") }).to_string();
+                let _ = c.request("POST", &input, &end);
+                stream.until("pty_exit", &mut seen)?;
+            }
+            Ok(())
+        })();
+        let _ = c.request("DELETE", &format!("/v1/sandboxes/{id}"), "");
+        result.map(|()| (ready, echo))
+    };
+    match run() {
+        Ok((ready, echo)) => {
+            b.samples(ready_row, "latency", &ready, Some(10_000.0));
+            let (m, p) = stats(ready.clone());
+            b.row(ready_row, format!("{m:.0} ms (p95 {p:.0})"), "<= 10 s", "a new session each: `python3` spawned in the guest (~1 s of emulated kernel here)", ready.len());
+            b.samples(echo_row, "latency", &echo, None);
+            let (m, p) = stats(echo.clone());
+            b.row(echo_row, format!("{m:.1} ms (p95 {p:.1})"), "-", "one byte to a raw-mode Python echo and back, loopback, warm session", echo.len());
+        }
+        Err(e) => {
+            b.row(ready_row, format!("failed: {e}"), "<= 10 s", "", 0);
+            b.row(echo_row, "not measured".into(), "-", "", 0);
+        }
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -912,10 +1205,12 @@ fn main() {
     c.pool_size = 0;
     let f = VmFactory::open(c).expect("template snapshot");
     section(&mut b, "restore", &mut |b| bench_restore(b, &f));
+    section(&mut b, "memory", &mut |b| bench_memory(b, &f, &cfg));
     section(&mut b, "throughput", &mut |b| bench_throughput(b, &f));
     section(&mut b, "fork", &mut |b| bench_fork(b, &f));
     if let Ok(base) = std::env::var("PODFLARE_BENCH_HTTP") {
         section(&mut b, "http", &mut |b| bench_http(b, &base));
+        section(&mut b, "pty", &mut |b| bench_pty(b, &base));
     }
     section(&mut b, "pool", &mut |b| bench_pool(b, &cfg));
     section(&mut b, "idle", &mut |b| bench_idle(b, &f));
