@@ -51,7 +51,7 @@ fn create_exec_replay_delete() {
 }
 
 #[test]
-fn not_yet_routes_check_the_sandbox_first() {
+fn routes_check_the_sandbox_first() {
     let c = controller();
     let id = create(&c);
     assert!(matches!(c.execute(Action::Fork { id: "sbx_nope".into(), n: 1 }), Err(SandboxError::UnknownSandbox(_))));
@@ -61,7 +61,10 @@ fn not_yet_routes_check_the_sandbox_first() {
         Err(SandboxError::UnknownSandbox(_))
     ));
     assert!(matches!(c.execute(Action::DeleteSpace { space: "spc_1".into() }), Err(SandboxError::UnknownSpace(_))));
-    assert!(matches!(c.execute(Action::PtyList { id }), Err(SandboxError::NotImplemented("pty"))));
+    assert!(matches!(c.execute(Action::PtyList { id: "sbx_nope".into() }), Err(SandboxError::UnknownSandbox(_))));
+    // Terminal sessions exist now: a sandbox without any lists none.
+    let Ok(Reply::Json(list)) = c.execute(Action::PtyList { id }) else { panic!("pty list") };
+    assert_eq!(list, serde_json::json!([]));
 }
 
 #[test]
