@@ -487,7 +487,7 @@ fn bench_restore(b: &mut Bench, f: &VmFactory) {
     b.samples(what, "latency", &warm, None);
     let (w, w95) = stats(warm);
     b.row(what, format!("{w:.2} ms (p95 {w95:.2})"), "-", "hostd channel + guest kernel + REPL; HTTP row minus this = hostd HTTP share", b.pick(50, 15));
-    b.row("host private memory per idle restored sandbox", format!("{:.1} MiB", median(&private)), "<= 10 MiB", "Private_Dirty of its guest-memory mapping after one exec", n);
+    b.row("host private memory per idle restored sandbox", format!("{:.1} MiB", median(&private)), "<= 10 MiB", "its own (written) pages of guest RAM after one exec, from /proc/self/pagemap", n);
 }
 
 /// Runs `code` to a zero exit; its stdout and how long the exec took.
@@ -713,7 +713,7 @@ fn bench_fork(b: &mut Bench, f: &VmFactory) {
         py_ok(child, "extra = random.randbytes(1 << 20)\nNone", "write");
         after_write.push(child.private_memory_bytes() as f64 / (1 << 20) as f64);
     }
-    b.row("host memory of a child right after fork", format!("{:.2} MiB", median(&after_fork)), "<= 2 MiB", "Private_Dirty of its guest RAM; image pages stay shared with the parent", runs);
+    b.row("host memory of a child right after fork", format!("{:.2} MiB", median(&after_fork)), "<= 2 MiB", "its own (written) pages of guest RAM; image pages stay shared with the parent", runs);
     b.row("host memory of a child after it writes 1 MiB", format!("{:.2} MiB", median(&after_write)), "-", "`extra = random.randbytes(1 << 20)` (its pages plus what the REPL touched)", runs);
     let what = "first exec in a child: `print(1)`";
     b.samples(what, "latency", &first_exec, None);

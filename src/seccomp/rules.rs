@@ -89,7 +89,7 @@ fn socket_io(r: &mut Rules) -> Built {
 }
 
 /// Files opened read-only: /dev/urandom (ids, guest entropy), /proc
-/// (capacity: meminfo, smaps), snapshot and image files, their sizes, and
+/// (capacity: meminfo, pagemap), snapshot and image files, their sizes, and
 /// dup of already open fds (templates hand out clones of theirs). Nothing
 /// here writes a file: O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_APPEND are refused.
 fn files_read_only(r: &mut Rules) -> Built {
@@ -158,7 +158,7 @@ pub fn allowed(kind: ThreadKind) -> Result<Rules, BackendError> {
             vm_build(&mut r)?;
         }
         // Dropping VMs (kicks, joins, closes, unmaps) needs only the runtime;
-        // the memory watchdog reads /proc/meminfo and /proc/self/smaps.
+        // the memory watchdog reads /proc/meminfo and /proc/self/pagemap.
         ThreadKind::Reaper => files_read_only(&mut r)?,
         ThreadKind::Device => {
             device_work(&mut r);
