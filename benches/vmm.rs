@@ -722,7 +722,7 @@ fn bench_fork(b: &mut Bench, f: &VmFactory) {
 
 fn bench_throughput(b: &mut Bench, f: &VmFactory) {
     let kib = b.knob("PODFLARE_BENCH_THROUGHPUT_KIB", 64 << 10, 256);
-    let size = if kib % 1024 == 0 { format!("{} MiB", kib >> 10) } else { format!("{kib} KiB") };
+    let size = if kib.is_multiple_of(1024) { format!("{} MiB", kib >> 10) } else { format!("{kib} KiB") };
     let g = f.create_running(&GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new() }).expect("create");
     py_ok(&g, &format!("import sys\n_b = 'x' * ({kib} << 10)\n"), "prepare");
     let t = Instant::now();
