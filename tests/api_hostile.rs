@@ -534,7 +534,12 @@ fn short_or_unfinished_bodies_are_never_executed() {
 
 #[test]
 fn idle_and_silent_connections_hold_no_worker() {
-    let srv = hostile_server(hostile_config());
+    // The trickle's pauses are 150 ms plus a healthz that may take up to
+    // 1 s on a loaded 2-core runner: the body timeout must outlast both, or
+    // the server rightly answers 408 and the next trickled byte meets a
+    // closed socket.
+    let cfg = Config { http_body_timeout: Duration::from_secs(4), ..hostile_config() };
+    let srv = hostile_server(cfg);
     let checker = Checker::start(srv.addr);
     // 300 connections that say nothing, and 40 that announce a body and
     // trickle it, against 8 workers.
@@ -546,10 +551,11 @@ fn idle_and_silent_connections_hold_no_worker() {
             r
         })
         .collect();
+    let t_start = Instant::now();
     for step in 0..4 {
         std::thread::sleep(Duration::from_millis(150));
         for r in &mut slow {
-            r.get_mut().write_all(&[b"{}  "[step]]).unwrap();
+            r.get_mut().write_all(&[b"{}  "[step]]).unwrap_or_else(|e| panic!("trickle step {step} after {:?}: {e}", t_start.elapsed()));
         }
         healthz_within(srv.addr, Duration::from_secs(1)).unwrap();
     }
