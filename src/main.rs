@@ -139,7 +139,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Waits for SIGTERM or SIGINT, then: destroy every sandbox (open exec
+/// Waits for SIGTERM or SIGINT, then: freeze persistent sandboxes into
+/// spaces, destroy every other sandbox (open exec
 /// streams end with a stderr line saying why and exit 137), stop the server
 /// (no new connections; workers finish the streams' last lines), and let
 /// `main` return 0. If that takes longer than [`SHUTDOWN_BOUND`], exit now.
@@ -160,8 +161,8 @@ fn on_stop_signal(signals: SigSet, controller: &Controller, stopper: &api::Stopp
         bound_log.warn("shutdown took too long; exiting now", &[("bound_s", json!(SHUTDOWN_BOUND.as_secs()))]);
         std::process::exit(0);
     });
-    let n = controller.manager().destroy_all(&format!("hostd is shutting down ({})", sig.as_str()));
-    log.info("sandboxes destroyed", &[("count", json!(n))]);
+    let (destroyed, frozen) = controller.manager().destroy_all(&format!("hostd is shutting down ({})", sig.as_str()));
+    log.info("sandboxes destroyed", &[("count", json!(destroyed)), ("frozen_into_spaces", json!(frozen))]);
     stopper.stop();
 }
 

@@ -19,6 +19,10 @@ pub enum ApiError {
     /// Unknown sandbox, space, PTY session, or route.
     #[error("{0}")]
     NotFound(String),
+    /// The resource exists but cannot serve this now, or any more (a space
+    /// another request is resuming, one whose files are damaged).
+    #[error("{0}")]
+    Conflict(String),
     /// Known path, wrong method.
     #[error("method {method} not allowed on {path}; allowed: {allow}")]
     MethodNotAllowed {
@@ -72,6 +76,7 @@ impl ApiError {
             ApiError::MissingAuth | ApiError::InvalidKey => 401,
             ApiError::NotFound(_) => 404,
             ApiError::MethodNotAllowed { .. } => 405,
+            ApiError::Conflict(_) => 409,
             ApiError::PayloadTooLarge { .. } => 413,
             ApiError::HeadersTooLarge { .. } => 431,
             ApiError::RequestTimeout => 408,
@@ -116,6 +121,7 @@ impl From<SandboxError> for ApiError {
             SandboxError::UnknownSandbox(_) | SandboxError::UnknownSpace(_) | SandboxError::UnknownPty(_) => {
                 ApiError::NotFound(e.to_string())
             }
+            SandboxError::SpaceConflict(why) => ApiError::Conflict(why),
             SandboxError::UnknownTemplate { .. } => ApiError::field("template", &e),
             SandboxError::CodeTooLarge { .. } => ApiError::field("code", &e),
             SandboxError::MergeAcrossTemplates { .. } => ApiError::field("winner", &e),

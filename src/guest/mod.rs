@@ -81,6 +81,12 @@ pub enum GuestError {
     /// Our own fault (I/O, KVM).
     #[error("internal error: {0}")]
     Internal(String),
+    /// No space has this id.
+    #[error("unknown space {0:?}")]
+    UnknownSpace(String),
+    /// The space is busy (another request has it) or unusable (damaged; removed).
+    #[error("{0}")]
+    SpaceConflict(String),
     /// This kind of guest cannot do that.
     #[error("{0} is not supported by this guest")]
     Unsupported(&'static str),
@@ -145,6 +151,23 @@ pub struct GuestSpec {
     pub sandbox_id: String,
 }
 
+/// A frozen sandbox on disk, as the sandbox layer lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpaceInfo {
+    /// `spc_<32 hex>`.
+    pub id: String,
+    /// Its template.
+    pub template: String,
+    /// Bytes its files take on disk.
+    pub bytes_on_disk: u64,
+    /// When it was frozen (Unix seconds).
+    pub created_unix: u64,
+    /// The sandbox it was frozen from.
+    pub source_sandbox: String,
+    /// What the sandbox layer stored with it ([`Guest::freeze`]).
+    pub sandbox: serde_json::Value,
+}
+
 /// Creates guests. One per hostd process; shared by all worker threads.
 pub trait GuestFactory: Send + Sync {
     /// Template names this host can serve.
@@ -158,6 +181,20 @@ pub trait GuestFactory: Send + Sync {
     /// most until it is not. `None` when memory is fine.
     fn memory_pressure(&self) -> Option<u64> {
         None
+    }
+    /// Every frozen space of this host (a JSON object each, oldest first).
+    fn spaces(&self) -> Vec<serde_json::Value> {
+        Vec::new()
+    }
+    /// Resumes `space` as a new guest (serving `spec.sandbox_id`) and
+    /// consumes it; on an error the space stays, unless it was unusable.
+    fn resume_space(&self, space: &str, spec: &GuestSpec) -> Result<(Box<dyn Guest>, SpaceInfo), GuestError> {
+        let _ = spec;
+        Err(GuestError::UnknownSpace(space.to_string()))
+    }
+    /// Removes `space` from disk.
+    fn delete_space(&self, space: &str) -> Result<(), GuestError> {
+        Err(GuestError::UnknownSpace(space.to_string()))
     }
     /// Host CPU time used by the VMs' own threads (vCPUs, devices) since
     /// start, ended threads included; zero for guests without threads.
@@ -190,6 +227,14 @@ pub trait Guest: Send + Sync {
     fn fork(&self, specs: &[GuestSpec]) -> Result<Vec<Box<dyn Guest>>, GuestError> {
         let _ = specs;
         Err(GuestError::Unsupported("fork"))
+    }
+    /// Freezes this guest into a new space on disk, with `sandbox` (the
+    /// sandbox layer's own record) stored beside it. On success the guest is
+    /// stopped for good and the caller drops it; on an error it runs on and
+    /// nothing is left on disk.
+    fn freeze(&self, source_sandbox: &str, sandbox: serde_json::Value) -> Result<SpaceInfo, GuestError> {
+        let _ = (source_sandbox, sandbox);
+        Err(GuestError::Unsupported("freezing into a space"))
     }
     /// The guest now serves another sandbox id (merge hands a child's guest
     /// to its parent's id): its log lines name that one.

@@ -38,6 +38,8 @@ pub enum Op {
     Delete,
     /// `POST /v1/sandboxes/{parent}/merge_into/{winner}`.
     Merge,
+    /// A persistent sandbox frozen into a space (idle timeout, lifetime, shutdown).
+    Freeze,
 }
 
 impl Op {
@@ -48,6 +50,7 @@ impl Op {
             Op::Resume => "resume",
             Op::Delete => "delete",
             Op::Merge => "merge",
+            Op::Freeze => "freeze",
         }
     }
 }
@@ -229,7 +232,7 @@ impl Metrics {
         // Every series of the fixed label sets exists from the start (at
         // zero), so a rate over the first scrapes is right and dashboards
         // see each one before it first moves.
-        for op in [Op::Create, Op::Fork, Op::Resume, Op::Delete, Op::Merge] {
+        for op in [Op::Create, Op::Fork, Op::Resume, Op::Delete, Op::Merge, Op::Freeze] {
             for outcome in [Outcome::Ok, Outcome::Refused, Outcome::Rejected, Outcome::Failed] {
                 drop(ops.get_or_create(&OpLabels { op: op.as_str(), outcome: outcome.as_str() }));
             }

@@ -54,11 +54,16 @@ impl Controller {
                 Ok(Reply::Json(json!({ "children": children.iter().map(|c| c.id()).collect::<Vec<_>>() })))
             }
             Action::MergeInto { parent, winner } => m.merge(&parent, &winner).map(|()| Reply::NoContent),
-            // No space can exist until freezing is implemented, so every
-            // space id is unknown: that is the truthful answer.
-            Action::ResumeSpace { space, .. } | Action::DeleteSpace { space } => {
-                Err(SandboxError::UnknownSpace(space))
+            Action::ResumeSpace { space, params } => {
+                let sb = m.resume_space(&space, &params)?;
+                let mut body = json!({ "id": sb.id(), "state": "ready" });
+                if let Some((region, endpoint)) = m.config().placement() {
+                    body["region"] = json!(region);
+                    body["endpoint"] = json!(endpoint);
+                }
+                Ok(Reply::Json(body))
             }
+            Action::DeleteSpace { space } => m.delete_space(&space).map(|()| Reply::NoContent),
             Action::PtyCreate { id, spec } => m.pty_create(&id, &spec).map(Reply::Pty),
             Action::PtyList { id } => m.pty_list(&id).map(Reply::Json),
             Action::PtyInput { id, pty, data } => m.pty_input(&id, &pty, &data).map(|()| Reply::NoContent),

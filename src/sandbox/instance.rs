@@ -54,6 +54,8 @@ pub struct Sandbox {
     streams: Arc<AtomicUsize>,
     /// Terminal sessions started here.
     ptys: PtySessions,
+    /// No expiry before this (a freeze into a space failed; try later).
+    not_before: Mutex<Option<Instant>>,
 }
 
 /// Why the reaper destroys a sandbox.
@@ -105,6 +107,7 @@ impl Sandbox {
             replay: Mutex::new(ReplayRing::new(replay_max_bytes)),
             streams: Arc::new(AtomicUsize::new(0)),
             ptys: PtySessions::default(),
+            not_before: Mutex::new(None),
         }
     }
 
@@ -113,7 +116,12 @@ impl Sandbox {
         &self.template
     }
 
-    /// Frozen into a space (not destroyed) at its idle timeout, once spaces exist.
+    /// Not reaped before `until` (its freeze failed: it runs on until then).
+    pub(super) fn postpone_expiry(&self, until: Instant) {
+        *lock(&self.not_before) = Some(until);
+    }
+
+    /// Frozen into a space (not destroyed) at its idle timeout or lifetime.
     pub fn persistent(&self) -> bool {
         self.persistent
     }
@@ -221,6 +229,9 @@ impl Sandbox {
     }
 
     pub(super) fn expiry(&self, now: Instant) -> Option<Expiry> {
+        if lock(&self.not_before).is_some_and(|t| now < t) {
+            return None;
+        }
         if now.duration_since(self.created) >= self.lifetime {
             return Some(Expiry::Lifetime);
         }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::exec::ExecStream;
 use super::instance::{lock, Expiry, Sandbox, StreamSlot};
-use super::params::{CreateParams, PtyCommand, PtyReadParams, PtySpec};
+use super::params::{CreateParams, PtyCommand, PtyReadParams, PtySpec, ResumeParams};
 use super::pty::{PtySession, PtySessions, PtyStream};
 use super::SandboxError;
 use crate::config::Config;
@@ -30,6 +30,9 @@ const MAX_RELIEF_PER_TICK: usize = 8;
 /// hostd's free heap goes back to the kernel at most this often, and only
 /// after sandboxes were destroyed.
 const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(1);
+/// A persistent sandbox whose freeze failed (disk full, say) runs on and
+/// is tried again after its idle time, but not sooner than this.
+const FREEZE_RETRY: Duration = Duration::from_secs(30);
 
 /// 128 bits from the kernel CSPRNG as 32 hex digits.
 fn random_hex32() -> Result<String, SandboxError> {
@@ -394,7 +397,7 @@ impl Manager {
             "guest_private_memory_bytes": private,
             "templates": self.factory.templates(),
             "vmm": self.factory.capacity(),
-            "spaces": [],
+            "spaces": self.factory.spaces(),
         })
     }
 
@@ -467,19 +470,29 @@ impl Manager {
         destroyed
     }
 
-    /// Destroys every sandbox (hostd is stopping): running execs end with
-    /// `why` and exit 137, queued ones do not start. Returns how many.
-    pub fn destroy_all(&self, why: &str) -> usize {
-        let all: Vec<Arc<Sandbox>> = lock(&self.sandboxes).drain().map(|(_, s)| s).collect();
+    /// hostd is stopping: freezes every persistent sandbox into a space
+    /// (first, while the shutdown's time bound is fresh), then destroys the
+    /// rest: running execs end with `why` and exit 137, queued ones do not
+    /// start. Returns how many were destroyed and how many frozen.
+    pub fn destroy_all(&self, why: &str) -> (usize, usize) {
+        let mut all: Vec<Arc<Sandbox>> = lock(&self.sandboxes).drain().map(|(_, s)| s).collect();
+        all.sort_by_key(|s| !s.persistent());
+        let (mut destroyed, mut frozen) = (0, 0);
         for sb in &all {
+            if sb.persistent() && self.freeze(sb, "shutdown").is_ok() {
+                frozen += 1;
+                continue;
+            }
             sb.destroy_guest(why);
+            destroyed += 1;
             self.log.info("sandbox destroyed", &[("sandbox", json!(sb.id())), ("reason", json!("shutdown"))]);
         }
-        self.metrics.destroyed("shutdown", all.len() as u64);
-        all.len()
+        self.metrics.destroyed("shutdown", destroyed as u64);
+        (destroyed, frozen)
     }
 
-    /// Destroys every sandbox past its lifetime or idle time; returns how many.
+    /// Destroys every sandbox past its lifetime or idle time (a persistent
+    /// one is frozen into a space instead); returns how many went.
     pub fn reap(&self, now: Instant) -> usize {
         let expired: Vec<(Arc<Sandbox>, Expiry)> = {
             let mut map = lock(&self.sandboxes);
@@ -487,23 +500,113 @@ impl Manager {
                 map.values().filter_map(|s| s.expiry(now).map(|e| (s.id().to_string(), e))).collect();
             ids.into_iter().filter_map(|(id, e)| map.remove(&id).map(|s| (s, e))).collect()
         };
-        self.destroyed_since_trim.fetch_add(expired.len(), Ordering::Relaxed);
+        let mut gone = 0;
         for (sb, why) in &expired {
             let reason = match why {
                 Expiry::Lifetime => "timeout_seconds",
                 Expiry::Idle => "idle_timeout_seconds",
             };
-            sb.destroy_guest(&format!("the sandbox reached its {reason}"));
-            self.metrics.destroyed(reason, 1);
-            self.log.info("sandbox destroyed", &[("sandbox", json!(sb.id())), ("reason", json!(reason))]);
-            if *why == Expiry::Idle && sb.persistent() {
-                self.log.warn(
-                    "persistent sandbox destroyed at idle timeout: freezing into a space is not available on this host yet",
-                    &[("sandbox", json!(sb.id()))],
-                );
+            if sb.persistent() {
+                if self.freeze(sb, reason).is_err() {
+                    // It runs on (the error is logged); back in the registry.
+                    sb.postpone_expiry(Instant::now() + sb.idle().max(FREEZE_RETRY));
+                    lock(&self.sandboxes).insert(sb.id().to_string(), Arc::clone(sb));
+                    continue;
+                }
+            } else {
+                sb.destroy_guest(&format!("the sandbox reached its {reason}"));
+                self.metrics.destroyed(reason, 1);
+                self.log.info("sandbox destroyed", &[("sandbox", json!(sb.id())), ("reason", json!(reason))]);
             }
+            gone += 1;
         }
-        expired.len()
+        self.destroyed_since_trim.fetch_add(gone, Ordering::Relaxed);
+        gone
+    }
+
+    /// What a space keeps of a sandbox besides its guest: its limits and
+    /// flags, and its running terminal sessions.
+    fn sandbox_record(sb: &Sandbox) -> Value {
+        json!({
+            "timeout_seconds": sb.lifetime().as_secs(),
+            "idle_timeout_seconds": sb.idle().as_secs(),
+            "persistent": sb.persistent(),
+            "egress": sb.egress(),
+            "ptys": sb.ptys().save(),
+        })
+    }
+
+    /// Freezes `sb` (already out of the registry) into a space; on success
+    /// its guest is gone. `reason` names what expired, for the log.
+    fn freeze(&self, sb: &Arc<Sandbox>, reason: &str) -> Result<String, SandboxError> {
+        let guest = sb.guest().ok_or_else(|| SandboxError::UnknownSandbox(sb.id().to_string()))?;
+        let r = guest.freeze(sb.id(), Self::sandbox_record(sb)).map_err(SandboxError::from_guest);
+        self.count(Op::Freeze, &r);
+        let space = r?;
+        drop(guest);
+        sb.destroy_guest("the sandbox was frozen into a space");
+        self.metrics.destroyed("frozen", 1);
+        self.log.info(
+            "sandbox frozen",
+            &[("sandbox", json!(sb.id())), ("space", json!(space.id)), ("reason", json!(reason)), ("bytes_on_disk", json!(space.bytes_on_disk))],
+        );
+        Ok(space.id)
+    }
+
+    /// `POST /v1/spaces/{space}/resume`: a NEW sandbox from the space, which
+    /// is consumed. Lifetime and idle limit are the request's, else the
+    /// frozen sandbox's; `persistent` and `egress` are the request's.
+    pub fn resume_space(&self, space: &str, p: &ResumeParams) -> Result<Arc<Sandbox>, SandboxError> {
+        let started = Instant::now();
+        let r = self.resume_inner(space, p);
+        self.count(Op::Resume, &r);
+        if r.is_ok() {
+            self.metrics.observe_create(started.elapsed());
+        }
+        r
+    }
+
+    fn resume_inner(&self, space: &str, p: &ResumeParams) -> Result<Arc<Sandbox>, SandboxError> {
+        let id = format!("sbx_{}", random_hex32()?);
+        // The template comes from the space; the factory fills it in.
+        let spec = GuestSpec { template: String::new(), egress: p.egress, sandbox_id: id.clone() };
+        let (guest, info) = self.factory.resume_space(space, &spec).map_err(SandboxError::from_guest)?;
+        let saved = |k: &str| info.sandbox.get(k).and_then(Value::as_u64);
+        let lifetime = self.cfg.timeout_seconds.resolve(p.timeout_seconds.or(saved("timeout_seconds")));
+        let idle = self.cfg.idle_timeout_seconds.resolve(p.idle_timeout_seconds.or(saved("idle_timeout_seconds")));
+        let sb = Arc::new(Sandbox::new(
+            id,
+            info.template.clone(),
+            p.persistent,
+            p.egress,
+            Duration::from_secs(lifetime),
+            Duration::from_secs(idle),
+            guest,
+            self.cfg.replay_max_bytes,
+        ));
+        if let (Some(g), Some(ptys)) = (sb.guest(), info.sandbox.get("ptys")) {
+            sb.ptys().resume_saved(ptys, g.as_ref(), &self.log);
+        }
+        lock(&self.sandboxes).insert(sb.id().to_string(), Arc::clone(&sb));
+        self.log.info(
+            "sandbox resumed from a space",
+            &[
+                ("sandbox", json!(sb.id())),
+                ("space", json!(space)),
+                ("source_sandbox", json!(info.source_sandbox)),
+                ("template", json!(sb.template())),
+                ("timeout_s", json!(lifetime)),
+                ("idle_timeout_s", json!(idle)),
+                ("persistent", json!(p.persistent)),
+                ("egress", json!(p.egress)),
+            ],
+        );
+        Ok(sb)
+    }
+
+    /// `DELETE /v1/spaces/{space}`.
+    pub fn delete_space(&self, space: &str) -> Result<(), SandboxError> {
+        self.factory.delete_space(space).map_err(SandboxError::from_guest)
     }
 }
 

@@ -32,6 +32,10 @@ pub enum SandboxError {
     /// No space has this id.
     #[error("unknown space {0:?}")]
     UnknownSpace(String),
+    /// The space cannot be resumed or deleted now (another request has it)
+    /// or at all (its files are damaged; it was removed).
+    #[error("{0}")]
+    SpaceConflict(String),
     /// The template is not served by this host.
     #[error("template {template:?} is not available; this host serves: {}", served.join(", "))]
     UnknownTemplate {
@@ -115,6 +119,8 @@ impl SandboxError {
             GuestError::UnknownTemplate(t) => SandboxError::UnknownTemplate { template: t, served: Vec::new() },
             GuestError::Capacity(reason, why) => SandboxError::Capacity(reason, why),
             GuestError::Unsupported(what) => SandboxError::NotImplemented(what),
+            GuestError::UnknownSpace(id) => SandboxError::UnknownSpace(id),
+            GuestError::SpaceConflict(why) => SandboxError::SpaceConflict(why),
             other => SandboxError::Guest(other),
         }
     }

@@ -322,28 +322,74 @@ impl PtySessions {
     pub fn inherit(&self, parent: &PtySessions, guest: &dyn Guest, log: &Logger) {
         let running: Vec<Arc<PtySession>> = parent.lock().iter().filter(|s| !s.ended()).cloned().collect();
         for p in running {
-            let Ok((rx, control)) = guest.pty_reopen(p.control.handle()) else { continue };
-            let state = {
+            let (ring, ring_bytes, next_seq) = {
                 let st = p.lock();
-                SessionState {
-                    ready: true,
-                    ring: st.ring.clone(),
-                    ring_bytes: st.ring_bytes,
-                    next_seq: st.next_seq,
-                    ..SessionState::default()
-                }
+                (st.ring.clone(), st.ring_bytes, st.next_seq)
             };
-            let session = Arc::new(PtySession {
-                id: p.id.clone(),
-                label: p.label.clone(),
-                created_ms: p.created_ms,
-                control,
-                state: Mutex::new(state),
-                changed: Condvar::new(),
-            });
-            self.lock().push(Arc::clone(&session));
-            spawn_pump(&session, rx, log);
+            self.adopt(Carried { id: p.id.clone(), label: p.label.clone(), created_ms: p.created_ms, handle: p.control.handle(), ring, ring_bytes, next_seq }, guest, log);
         }
+    }
+
+    /// What a frozen space keeps of the running sessions (a JSON array):
+    /// id, label, creation time, the guest's handle, the replay window and
+    /// the next `seq`, so [`PtySessions::resume_saved`] carries them on.
+    pub fn save(&self) -> Value {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let running: Vec<Arc<PtySession>> = self.lock().iter().filter(|s| !s.ended()).cloned().collect();
+        Value::Array(
+            running
+                .iter()
+                .map(|s| {
+                    let st = s.lock();
+                    let ring: Vec<Value> = st.ring.iter().map(|(seq, data)| json!([seq, b64.encode(data.as_slice())])).collect();
+                    json!({
+                        "id": s.id, "label": s.label, "created_ms": s.created_ms,
+                        "handle": s.control.handle(), "next_seq": st.next_seq, "ring": ring,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// In a guest resumed from a space: the sessions [`PtySessions::save`]
+    /// kept, each reattached to the guest's copy of it. An entry that does
+    /// not read back is skipped.
+    pub fn resume_saved(&self, saved: &Value, guest: &dyn Guest, log: &Logger) {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        for s in saved.as_array().map(Vec::as_slice).unwrap_or_default() {
+            let text = |k: &str| s.get(k).and_then(Value::as_str).map(str::to_string);
+            let num = |k: &str| s.get(k).and_then(Value::as_u64);
+            let (Some(id), Some(label), Some(created_ms), Some(handle), Some(next_seq)) =
+                (text("id"), text("label"), num("created_ms"), num("handle"), num("next_seq"))
+            else {
+                continue;
+            };
+            let mut ring = VecDeque::new();
+            let mut ring_bytes = 0;
+            for e in s.get("ring").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default() {
+                let (Some(seq), Some(Ok(data))) = (e.get(0).and_then(Value::as_u64), e.get(1).and_then(Value::as_str).map(|d| b64.decode(d))) else {
+                    continue;
+                };
+                ring_bytes += data.len();
+                ring.push_back((seq, Arc::new(data)));
+            }
+            self.adopt(Carried { id, label, created_ms, handle, ring, ring_bytes, next_seq }, guest, log);
+        }
+    }
+
+    fn adopt(&self, c: Carried, guest: &dyn Guest, log: &Logger) {
+        let Ok((rx, control)) = guest.pty_reopen(c.handle) else { return };
+        let state = SessionState { ready: true, ring: c.ring, ring_bytes: c.ring_bytes, next_seq: c.next_seq, ..SessionState::default() };
+        let session = Arc::new(PtySession {
+            id: c.id,
+            label: c.label,
+            created_ms: c.created_ms,
+            control,
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+        });
+        self.lock().push(Arc::clone(&session));
+        spawn_pump(&session, rx, log);
     }
 
     /// A client attaching to `session`: its replay, then live events.
@@ -351,6 +397,17 @@ impl PtySessions {
         let (pending, events) = session.attach();
         PtyStream { pending, events, keepalive, done: false, _slot: slot }
     }
+}
+
+/// A running session carried into another guest (a fork child, a resumed space).
+struct Carried {
+    id: String,
+    label: String,
+    created_ms: u64,
+    handle: u64,
+    ring: VecDeque<(u64, Arc<Vec<u8>>)>,
+    ring_bytes: usize,
+    next_seq: u64,
 }
 
 /// Starts `session`'s pump over `rx`; if no thread can be started, the

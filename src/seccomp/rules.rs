@@ -134,6 +134,18 @@ fn fork_image(r: &mut Rules) -> Built {
     when(r, libc::SYS_fcntl, 1, Op::Eq, libc::F_ADD_SEALS as u64)
 }
 
+/// Frozen spaces (vmm/space.rs): a directory per space made, its files
+/// created new (O_EXCL: never an existing file opened for writing),
+/// written, fsynced and renamed into place; removed when resumed or
+/// deleted.
+fn space_files(r: &mut Rules) -> Built {
+    when(r, libc::SYS_openat, 2, Op::MaskedEq(libc::O_EXCL as u64), libc::O_EXCL as u64)?;
+    any(r, &[libc::SYS_mkdir, libc::SYS_mkdirat, libc::SYS_rename, libc::SYS_renameat, libc::SYS_renameat2]);
+    any(r, &[libc::SYS_unlink, libc::SYS_unlinkat, libc::SYS_rmdir, libc::SYS_getdents64]);
+    any(r, &[libc::SYS_fsync, libc::SYS_fdatasync, libc::SYS_ftruncate, libc::SYS_pwrite64]);
+    Ok(())
+}
+
 /// The allow-list of `kind` (a syscall not in it fails with EPERM).
 pub fn allowed(kind: ThreadKind) -> Result<Rules, BackendError> {
     let mut r = Rules::new();
@@ -150,8 +162,10 @@ pub fn allowed(kind: ThreadKind) -> Result<Rules, BackendError> {
             // The controller creates sandboxes: VM restores on this thread.
             thread_start(&mut r)?;
             vm_build(&mut r)?;
-            // And forks them.
+            // And forks them, resumes spaces (removing them once resumed)
+            // and deletes spaces.
             fork_image(&mut r)?;
+            space_files(&mut r)?;
         }
         ThreadKind::PoolFiller => {
             thread_start(&mut r)?;
@@ -159,7 +173,13 @@ pub fn allowed(kind: ThreadKind) -> Result<Rules, BackendError> {
         }
         // Dropping VMs (kicks, joins, closes, unmaps) needs only the runtime;
         // the memory watchdog reads /proc/meminfo and /proc/self/pagemap.
-        ThreadKind::Reaper => files_read_only(&mut r)?,
+        // Freezing a persistent sandbox saves its VM state (KVM ioctls on
+        // the VM fd) and writes its space.
+        ThreadKind::Reaper => {
+            files_read_only(&mut r)?;
+            when(&mut r, libc::SYS_ioctl, 1, Op::MaskedEq(0xff00), kvm::KVM_IOCTL_TYPE)?;
+            space_files(&mut r)?;
+        }
         ThreadKind::Device => {
             device_work(&mut r);
             any(&mut r, &[libc::SYS_epoll_wait]);

@@ -18,7 +18,8 @@ use super::admission::{self, Admission};
 use super::cache;
 use super::{memory, persist, Backend, VmmConfig, VmmError};
 use super::channel::Channel;
-use crate::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language, PtyControl, PtyStart, StreamRx};
+use super::space::{SpaceError, Spaces};
+use crate::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language, PtyControl, PtyStart, SpaceInfo, StreamRx};
 use crate::seccomp::{self, ThreadKind};
 
 #[derive(Default)]
@@ -89,6 +90,7 @@ struct Inner {
     admission: Admission,
     pool: Pool,
     next_vm: AtomicU64,
+    spaces: Spaces,
 }
 
 /// Restores guests from template snapshots.
@@ -139,6 +141,7 @@ impl VmFactory {
             templates.insert(t.name.clone(), t);
         }
         let admission = Admission::new(cfg.max_sandboxes, cfg.max_guest_memory_mib, cfg.memory_floor_mib);
+        let spaces = Spaces::open(cfg.cache_dir.join("spaces"), &cfg.log).map_err(|e| VmmError::Guest(e.to_string()))?;
         let inner = Arc::new(Inner {
             kvm,
             cfg,
@@ -148,6 +151,7 @@ impl VmFactory {
             admission,
             pool: Pool { ready: Mutex::new(HashMap::new()), wake: Condvar::new() },
             next_vm: AtomicU64::new(1),
+            spaces,
         });
         if inner.cfg.pool_size > 0 {
             let weak = Arc::downgrade(&inner);
@@ -282,6 +286,61 @@ impl Guest for RunningGuest {
 
     fn relabel(&self, sandbox_id: &str) {
         self.vm.status().label(self.inner.cfg.log.clone(), Some(sandbox_id.to_string()));
+    }
+
+    fn freeze(&self, source_sandbox: &str, sandbox: serde_json::Value) -> Result<SpaceInfo, GuestError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        if let Some(why) = self.vm.status().stopped() {
+            return Err(GuestError::Failed(why));
+        }
+        let t = inner
+            .templates
+            .get(&self.template)
+            .ok_or_else(|| GuestError::Internal(format!("template {:?} of a live guest is gone", self.template)))?;
+        let paused = std::cell::Cell::new(false);
+        let frozen = inner.spaces.freeze(&self.template, &t.snap.meta, source_sandbox, sandbox.clone(), |file| {
+            let f = self.vm.freeze_into(file)?;
+            paused.set(true);
+            Ok(f)
+        });
+        let (record, vcpus_stopped, bytes) = match frozen {
+            Ok(r) => r,
+            Err(e) => {
+                // Written but not made durable: the guest runs on.
+                if paused.get() {
+                    let _ = self.vm.resume();
+                }
+                inner.cfg.log.error(
+                    "freezing into a space failed; the sandbox keeps running",
+                    &[("sandbox", json!(source_sandbox)), ("cause", json!(e.to_string()))],
+                );
+                return Err(GuestError::Internal(format!("freeze: {e}")));
+            }
+        };
+        // Stopped for good: execs now fail at once instead of waiting.
+        self.vm.channel().fail("the sandbox was frozen into a space");
+        inner.cfg.log.info(
+            "sandbox frozen into a space",
+            &[
+                ("sandbox", json!(source_sandbox)),
+                ("space", json!(record.id)),
+                ("template", json!(record.template)),
+                ("data_bytes", json!(record.data_bytes)),
+                ("bytes_on_disk", json!(bytes)),
+                ("runs", json!(record.runs.len())),
+                ("vcpus_stopped_ms", json!(vcpus_stopped.as_secs_f64() * 1e3)),
+                ("ms", json!(started.elapsed().as_secs_f64() * 1e3)),
+            ],
+        );
+        Ok(SpaceInfo {
+            id: record.id,
+            template: record.template,
+            bytes_on_disk: bytes,
+            created_unix: record.created_unix,
+            source_sandbox: record.source_sandbox,
+            sandbox,
+        })
     }
 
     fn pty(&self, start: &PtyStart) -> Result<(StreamRx<ExecChunk>, Box<dyn PtyControl>), GuestError> {
@@ -450,9 +509,100 @@ impl GuestFactory for VmFactory {
     fn vm_threads_cpu(&self) -> std::time::Duration {
         super::threads::cpu_time()
     }
+
+    fn spaces(&self) -> Vec<serde_json::Value> {
+        self.inner.spaces.list()
+    }
+
+    fn resume_space(&self, space: &str, spec: &GuestSpec) -> Result<(Box<dyn Guest>, SpaceInfo), GuestError> {
+        let (guest, info) = self.resume_running(space, spec)?;
+        Ok((Box::new(guest), info))
+    }
+
+    fn delete_space(&self, space: &str) -> Result<(), GuestError> {
+        self.inner.spaces.delete(space).map_err(space_error)?;
+        self.inner.cfg.log.info("space deleted", &[("space", json!(space))]);
+        Ok(())
+    }
+}
+
+fn space_error(e: SpaceError) -> GuestError {
+    match e {
+        SpaceError::Unknown(id) => GuestError::UnknownSpace(id),
+        SpaceError::Busy(_) | SpaceError::Unusable { .. } => GuestError::SpaceConflict(e.to_string()),
+        SpaceError::Io { .. } => GuestError::Internal(e.to_string()),
+    }
 }
 
 impl VmFactory {
+    /// Resumes `space` as a new guest serving `spec.sandbox_id` and consumes
+    /// the space: the template's memory file mapped private, the space's
+    /// memory file mapped private over the pages it holds (nothing is
+    /// copied), its saved state, a fresh clock and entropy. On an error of
+    /// ours the space stays for another try.
+    pub fn resume_running(&self, space: &str, spec: &GuestSpec) -> Result<(RunningGuest, SpaceInfo), GuestError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let ticket = inner.admission.reserve()?;
+        let meta_of = |name: &str| inner.templates.get(name).map(|t| t.snap.meta.clone());
+        let loaded = inner.spaces.take(space, meta_of).map_err(|e| {
+            if let SpaceError::Unusable { .. } = e {
+                inner.cfg.log.warn("space refused and removed", &[("space", json!(space)), ("cause", json!(e.to_string()))]);
+            }
+            space_error(e)
+        })?;
+        let checked = started.elapsed();
+        let record = loaded.record;
+        let restored = (|| {
+            let t = inner
+                .templates
+                .get(&record.template)
+                .ok_or_else(|| VmmError::Config(format!("template {:?} is gone", record.template)))?;
+            let mem = memory::private_file_mapping(t.memory_file.try_clone().map_err(VmmError::Io)?, t.snap.meta.ram_bytes)?;
+            let image = Arc::new(memory::ForkImage::from_file(loaded.memory, record.runs.clone(), record.data_bytes));
+            // SAFETY: `mem` is a fresh mapping no VM uses yet and nobody
+            // references; the runs were checked to lie inside guest RAM.
+            unsafe { memory::map_image(&mem, &image) }?;
+            let n = inner.next_vm.fetch_add(1, Ordering::Relaxed);
+            let rootfs = t.rootfs_file.try_clone().map_err(VmmError::Io)?;
+            let vm = Vm::restore_space(&inner.kvm, &format!("vm{n}"), rootfs, mem, &loaded.machine, record.next_stream, image)?;
+            vm.resume()?;
+            Ok::<_, VmmError>(vm)
+        })();
+        let vm = match restored {
+            Ok(vm) => vm,
+            Err(e) => {
+                inner.spaces.release(space);
+                inner.cfg.log.error("resume failed; the space stays", &[("space", json!(space)), ("cause", json!(e.to_string()))]);
+                return Err(GuestError::Internal(format!("resume: {e}")));
+            }
+        };
+        ticket.admit();
+        let guest = RunningGuest { vm, inner: inner.clone(), template: record.template.clone() };
+        guest.vm.status().label(inner.cfg.log.clone(), Some(spec.sandbox_id.clone()));
+        inner.spaces.consumed(space);
+        guest.vm.channel().send_hello().map_err(|e| GuestError::Failed(e.to_string()))?;
+        inner.counters.created.fetch_add(1, Ordering::Relaxed);
+        inner.cfg.log.info(
+            "space resumed",
+            &[
+                ("space", json!(space)),
+                ("sandbox", json!(spec.sandbox_id)),
+                ("checked_ms", json!(checked.as_secs_f64() * 1e3)),
+                ("ms", json!(started.elapsed().as_secs_f64() * 1e3)),
+            ],
+        );
+        let info = SpaceInfo {
+            id: record.id,
+            template: record.template,
+            bytes_on_disk: 0,
+            created_unix: record.created_unix,
+            source_sandbox: record.source_sandbox,
+            sandbox: record.sandbox,
+        };
+        Ok((guest, info))
+    }
+
     fn create_inner(&self, spec: &GuestSpec) -> Result<RunningGuest, GuestError> {
         let inner = &self.inner;
         if !inner.templates.contains_key(&spec.template) {

@@ -180,7 +180,7 @@ pub fn write_sparse(mem: &GuestMemory, path: &Path) -> Result<u64, MemoryError> 
 }
 
 /// A run of guest pages: `pages` pages from guest page number `first`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PageRun {
     /// First guest page number (guest-physical address / 4 KiB).
     pub first: u64,
@@ -357,6 +357,20 @@ impl ImageBuilder {
         Ok(())
     }
 
+    /// An image written into `file` (a frozen space's memory file, on
+    /// disk) rather than a memfd: sized to guest RAM, holes but for the
+    /// pages copied in.
+    pub fn on_file(file: File, mem: &GuestMemory) -> Result<ImageBuilder, MemoryError> {
+        let (_, len) = region_of(mem)?;
+        file.set_len(len).map_err(|e| MemoryError::File { path: "space memory (size)".into(), source: e })?;
+        Ok(ImageBuilder { file, len, data_bytes: 0 })
+    }
+
+    /// The file written into, for a caller that keeps it unsealed.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     /// Non-zero bytes copied in so far.
     pub fn data_bytes(&self) -> u64 {
         self.data_bytes
@@ -371,6 +385,34 @@ impl ImageBuilder {
         }
         Ok(ForkImage { file: self.file, runs, data_bytes: self.data_bytes })
     }
+}
+
+impl ForkImage {
+    /// An image read back from a file holding `runs` at their guest offsets
+    /// (a frozen space's memory). The caller has checked the file's size
+    /// and digest; mapping it private never writes it.
+    pub fn from_file(file: File, runs: Vec<PageRun>, data_bytes: u64) -> ForkImage {
+        ForkImage { file, runs, data_bytes }
+    }
+}
+
+/// SHA-256 over the bytes of `runs` in `file` (holes read as zeros), in
+/// run order: what a frozen space's memory must still hold when resumed.
+pub fn digest_runs(file: &File, runs: &[PageRun]) -> Result<[u8; 32], MemoryError> {
+    use sha2::{Digest, Sha256};
+    let err = |source| MemoryError::File { path: "space memory (read)".into(), source };
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for r in runs {
+        let (mut off, end) = (r.first * PAGE as u64, (r.first + r.pages) * PAGE as u64);
+        while off < end {
+            let n = ((end - off) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], off).map_err(err)?;
+            hash.update(&buf[..n]);
+            off += n as u64;
+        }
+    }
+    Ok(hash.finalize().into())
 }
 
 /// Pages covered by `runs`, one flag per page of guest RAM.

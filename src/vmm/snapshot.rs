@@ -108,10 +108,21 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 
 /// Encodes a snapshot into its framed byte form.
 pub fn encode(snap: &SnapshotFile) -> Vec<u8> {
+    frame(MAGIC, snap)
+}
+
+/// Decodes and checks a framed snapshot (`path` only names it in errors).
+pub fn decode(bytes: &[u8], path: &str) -> Result<SnapshotFile, SnapshotError> {
+    unframe(MAGIC, bytes, path)
+}
+
+/// Frames `value` as JSON behind `magic`, the format version, its length
+/// and its SHA-256 (snapshot `state` files, frozen spaces' `state` files).
+pub fn frame<T: Serialize>(magic: &[u8; 8], value: &T) -> Vec<u8> {
     // Our own plain structs always serialize.
-    let payload = serde_json::to_vec(snap).unwrap_or_default();
+    let payload = serde_json::to_vec(value).unwrap_or_default();
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(magic);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&Sha256::digest(&payload));
@@ -119,9 +130,10 @@ pub fn encode(snap: &SnapshotFile) -> Vec<u8> {
     out
 }
 
-/// Decodes and checks a framed snapshot (`path` only names it in errors).
-pub fn decode(bytes: &[u8], path: &str) -> Result<SnapshotFile, SnapshotError> {
-    if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
+/// Checks and decodes what [`frame`] wrote with the same `magic`: a wrong
+/// magic, version, length or checksum is refused before any JSON is read.
+pub fn unframe<T: serde::de::DeserializeOwned>(magic: &[u8; 8], bytes: &[u8], path: &str) -> Result<T, SnapshotError> {
+    if bytes.len() < HEADER_LEN || &bytes[..8] != magic {
         return Err(SnapshotError::NotASnapshot(path.to_string()));
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
@@ -145,30 +157,12 @@ pub fn decode(bytes: &[u8], path: &str) -> Result<SnapshotFile, SnapshotError> {
         .map_err(|e| SnapshotError::Decode { path: path.to_string(), reason: e.to_string() })
 }
 
-/// Writes the `state` file atomically (temp file, fsync, rename).
-pub fn write_state(path: &Path, snap: &SnapshotFile) -> Result<(), SnapshotError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(&encode(snap)).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
-}
+/// Bytes a framed file may have at most.
+pub const MAX_FRAMED_BYTES: u64 = MAX_PAYLOAD + HEADER_LEN as u64;
 
-/// Reads a `state` file and checks it against what this host expects.
-pub fn read_state(path: &Path, expect: &SnapshotMeta) -> Result<SnapshotFile, SnapshotError> {
-    let meta = std::fs::metadata(path).map_err(io_err(path))?;
-    if meta.len() > MAX_PAYLOAD + HEADER_LEN as u64 {
-        return Err(SnapshotError::TooLarge(path.display().to_string()));
-    }
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
-    decode_state(&bytes, &path.display().to_string(), expect)
-}
-
-/// The checks of [`read_state`] on bytes already read: the frame, then the
-/// metadata against what this host expects (`path` only names it in errors).
-pub fn decode_state(bytes: &[u8], path: &str, expect: &SnapshotMeta) -> Result<SnapshotFile, SnapshotError> {
-    let snap = decode(bytes, path)?;
-    let m = &snap.meta;
+/// Checks a decoded snapshot's metadata against what this host expects
+/// (backend, CPU, kernel, base image, RAM size).
+pub fn check_meta(m: &SnapshotMeta, path: &str, expect: &SnapshotMeta) -> Result<(), SnapshotError> {
     let what = if m.backend != expect.backend {
         Some(format!("taken on {} KVM, this host is {}", m.backend.name(), expect.backend.name()))
     } else if m.cpu_model != expect.cpu_model {
@@ -184,8 +178,35 @@ pub fn decode_state(bytes: &[u8], path: &str, expect: &SnapshotMeta) -> Result<S
     };
     match what {
         Some(what) => Err(SnapshotError::Mismatch { path: path.to_string(), what }),
-        None => Ok(snap),
+        None => Ok(()),
     }
+}
+
+/// Writes the `state` file atomically (temp file, fsync, rename).
+pub fn write_state(path: &Path, snap: &SnapshotFile) -> Result<(), SnapshotError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(&encode(snap)).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Reads a `state` file and checks it against what this host expects.
+pub fn read_state(path: &Path, expect: &SnapshotMeta) -> Result<SnapshotFile, SnapshotError> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    if meta.len() > MAX_FRAMED_BYTES {
+        return Err(SnapshotError::TooLarge(path.display().to_string()));
+    }
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    decode_state(&bytes, &path.display().to_string(), expect)
+}
+
+/// The checks of [`read_state`] on bytes already read: the frame, then the
+/// metadata against what this host expects (`path` only names it in errors).
+pub fn decode_state(bytes: &[u8], path: &str, expect: &SnapshotMeta) -> Result<SnapshotFile, SnapshotError> {
+    let snap = decode(bytes, path)?;
+    check_meta(&snap.meta, path, expect)?;
+    Ok(snap)
 }
 
 /// The host CPU's model name, recorded in snapshots.

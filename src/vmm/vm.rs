@@ -71,6 +71,20 @@ pub struct MachineState {
     pub devices: DevicesState,
 }
 
+/// A VM frozen into a file: what a resume needs besides that file.
+pub struct Frozen {
+    /// vCPU, VM and device state.
+    pub machine: MachineState,
+    /// The channel's next stream number (nothing else was in flight).
+    pub next_stream: u32,
+    /// The guest pages the file holds (everything else is the template's).
+    pub runs: Vec<memory::PageRun>,
+    /// Non-zero bytes written.
+    pub data_bytes: u64,
+    /// How long the vCPUs have been stopped when this returns.
+    pub paused: Duration,
+}
+
 /// A running VM captured for a fork: what every child is restored from.
 pub struct ForkSource {
     /// vCPU, VM and device state at the capture.
@@ -235,6 +249,25 @@ impl Vm {
     ) -> Result<Vm, VmmError> {
         let vm = Vm::restore_with(kvm, name, rootfs, mem, &source.machine, Channel::start_from(&source.channel))?;
         *vm.overlay.lock().unwrap_or_else(PoisonError::into_inner) = source.layers.clone();
+        Ok(vm)
+    }
+
+    /// Restores a frozen space: `mem` is the template mapping with the
+    /// space's `image` laid over it; the VM keeps the image as its one layer
+    /// (its pages are the VM's own for a later fork or freeze). The VM
+    /// starts paused.
+    pub fn restore_space(
+        kvm: &Kvm,
+        name: &str,
+        rootfs: File,
+        mem: GuestMemory,
+        machine: &MachineState,
+        next_stream: u32,
+        image: Arc<memory::ForkImage>,
+    ) -> Result<Vm, VmmError> {
+        let channel = Channel::start_from(&ChannelSeed::at_stream(next_stream));
+        let vm = Vm::restore_with(kvm, name, rootfs, mem, machine, channel)?;
+        *vm.overlay.lock().unwrap_or_else(PoisonError::into_inner) = vec![image];
         Ok(vm)
     }
 
@@ -452,6 +485,44 @@ impl Vm {
             ram_bytes: memory::ram_bytes(&self.mem),
             paused,
         })
+    }
+
+    /// Freezes this VM into `file`: with the device thread held and the
+    /// vCPUs paused, every page that is not the template's (written pages
+    /// and the pages of its layers) is written at its guest offset (zero
+    /// pages left as holes), and the state saved. On success the VM stays
+    /// paused: the caller makes the file durable, then drops the VM; on an
+    /// error it runs on. A guest frame half received (the guest was
+    /// mid-send) refuses the freeze: a later try finds it whole.
+    pub fn freeze_into(&self, file: File) -> Result<Frozen, VmmError> {
+        let _one_capture = self.forking.lock().unwrap_or_else(PoisonError::into_inner);
+        let _devices_still = self.devices.hold();
+        let overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
+        let paused_at = Instant::now();
+        self.pause()?;
+        let frozen = (|| {
+            let next_stream = self
+                .channel
+                .seed()
+                .quiet_next_stream()
+                .ok_or_else(|| VmmError::Guest("the guest was sending a frame: freeze again later".into()))?;
+            let below: Vec<memory::PageRun> = overlay.iter().flat_map(|l| l.runs.iter().copied()).collect();
+            let own = memory::own_pages(&self.mem, &below)?;
+            let runs = memory::runs_of(&own);
+            let mut image = memory::ImageBuilder::on_file(file, &self.mem)?;
+            // SAFETY: the vCPUs are paused and the device thread is held,
+            // so nothing writes guest RAM now.
+            unsafe { image.copy(&self.mem, &memory::pages_of(&runs, own.len()), memory::Zeros::Skip) }?;
+            let machine = self.save_state()?;
+            Ok::<_, VmmError>(Frozen { machine, next_stream, runs, data_bytes: image.data_bytes(), paused: Duration::ZERO })
+        })();
+        match frozen {
+            Ok(f) => Ok(Frozen { paused: paused_at.elapsed(), ..f }),
+            Err(e) => {
+                self.resume()?;
+                Err(e)
+            }
+        }
     }
 
     /// Guest memory.

@@ -59,6 +59,19 @@ pub struct ChannelSeed {
     next_stream: u32,
 }
 
+impl ChannelSeed {
+    /// The next stream number, when no guest frame is half received (a
+    /// frozen space keeps only that number: nothing else is in flight).
+    pub fn quiet_next_stream(&self) -> Option<u32> {
+        self.decoders.iter().all(|d| d.pending() == 0).then_some(self.next_stream)
+    }
+
+    /// A channel start with nothing pending, numbering streams from `next_stream`.
+    pub fn at_stream(next_stream: u32) -> Self {
+        ChannelSeed { decoders: Default::default(), next_stream }
+    }
+}
+
 struct Shared {
     inner: Mutex<Inner>,
     changed: Condvar,
