@@ -8,60 +8,21 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::http::{create, request};
+use common::process::{free_port, start_hostd, wait_exit};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
-fn start(addr: SocketAddr, log: &std::path::Path) -> Child {
-    let log = std::fs::File::create(log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_podflare-hostd"))
-        .env("PODFLARE_HOSTD_ADDR", addr.to_string())
-        .env("PODFLARE_TEMPLATES", "default")
-        .env("PODFLARE_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start hostd");
-    // The snapshot is cached by scripts/setup's first hostd; a cold build
-    // would take minutes here, so wait generously.
-    let t = Instant::now();
-    while request_ok(addr).is_none() {
-        assert!(t.elapsed() < Duration::from_secs(900), "hostd not serving");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child
-}
-
-fn request_ok(addr: SocketAddr) -> Option<()> {
-    TcpStream::connect(addr).ok()?;
-    (request(addr, "GET", "/v1/healthz", "").0 == 200).then_some(())
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let t = Instant::now();
-    while t.elapsed() < within {
-        if let Some(st) = child.try_wait().unwrap() {
-            return Some(st);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
 
 #[test]
 fn sigterm_ends_streams_tears_down_and_exits_zero() {
     let Some(_kvm) = common::kvm_or_skip() else { return };
     let addr = free_port();
     let log = std::env::temp_dir().join(format!("podflare-sigterm-{}.log", std::process::id()));
-    let mut hostd = start(addr, &log);
+    let mut hostd = start_hostd(addr, &log, &[]);
     let id = create(addr, "{}");
     let body = serde_json::json!({ "code": "import time\nprint('started', flush=True)\ntime.sleep(600)" }).to_string();
     let mut s = TcpStream::connect(addr).unwrap();
@@ -95,7 +56,7 @@ fn after_kill_9_with_20_sandboxes_a_restart_serves_and_cleans_up() {
     let Some(_kvm) = common::kvm_or_skip() else { return };
     let addr = free_port();
     let log = std::env::temp_dir().join(format!("podflare-kill9-{}.log", std::process::id()));
-    let mut hostd = start(addr, &log);
+    let mut hostd = start_hostd(addr, &log, &[]);
     for _ in 0..20 {
         create(addr, "{}");
     }
@@ -111,7 +72,7 @@ fn after_kill_9_with_20_sandboxes_a_restart_serves_and_cleans_up() {
     assert!(wait_exit(&mut hostd, Duration::from_secs(10)).is_some(), "kill -9 did not take");
 
     let t = Instant::now();
-    let mut hostd = start(addr, &log);
+    let mut hostd = start_hostd(addr, &log, &[]);
     let restart = t.elapsed();
     let id = create(addr, "{}");
     let (status, out) = request(addr, "POST", &format!("/v1/sandboxes/{id}/exec"), r#"{"code":"print(6*7)"}"#);

@@ -554,8 +554,8 @@ impl Manager {
     }
 
     /// `POST /v1/spaces/{space}/resume`: a NEW sandbox from the space, which
-    /// is consumed. Lifetime and idle limit are the request's, else the
-    /// frozen sandbox's; `persistent` and `egress` are the request's.
+    /// is consumed. Lifetime, idle limit, `persistent` and `egress` are the
+    /// request's, as for a create.
     pub fn resume_space(&self, space: &str, p: &ResumeParams) -> Result<Arc<Sandbox>, SandboxError> {
         let started = Instant::now();
         let r = self.resume_inner(space, p);
@@ -571,9 +571,11 @@ impl Manager {
         // The template comes from the space; the factory fills it in.
         let spec = GuestSpec { template: String::new(), egress: p.egress, sandbox_id: id.clone() };
         let (guest, info) = self.factory.resume_space(space, &spec).map_err(SandboxError::from_guest)?;
-        let saved = |k: &str| info.sandbox.get(k).and_then(Value::as_u64);
-        let lifetime = self.cfg.timeout_seconds.resolve(p.timeout_seconds.or(saved("timeout_seconds")));
-        let idle = self.cfg.idle_timeout_seconds.resolve(p.idle_timeout_seconds.or(saved("idle_timeout_seconds")));
+        // Like a create: what the request asks, else the host's defaults
+        // (not the frozen sandbox's: a short idle limit that froze it
+        // would freeze or end the resumed one as soon).
+        let lifetime = self.cfg.timeout_seconds.resolve(p.timeout_seconds);
+        let idle = self.cfg.idle_timeout_seconds.resolve(p.idle_timeout_seconds);
         let sb = Arc::new(Sandbox::new(
             id,
             info.template.clone(),

@@ -82,13 +82,18 @@ pub fn remove_leftovers(cfg: &VmmConfig) -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(t.path()) else { continue };
         for e in entries.flatten() {
             let path = e.path();
-            let Some(pid) = writer_pid(&path) else { continue };
-            if !Path::new("/proc").join(pid.to_string()).exists() && std::fs::remove_dir_all(&path).is_ok() {
+            if writer_gone(&path) && std::fs::remove_dir_all(&path).is_ok() {
                 removed.push(path);
             }
         }
     }
     removed
+}
+
+/// Whether `path` is a `<name>.tmp<pid>` whose writer no longer runs (a
+/// killed run's half-written leftover; a live writer's is left alone).
+pub fn writer_gone(path: &Path) -> bool {
+    writer_pid(path).is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists())
 }
 
 /// The pid in a `<key>.tmp<pid>` name.

@@ -13,6 +13,8 @@ pub struct VmmConfig {
     pub log: Logger,
     /// `PODFLARE_CACHE` (default `/var/lib/podflare`): built kernel, images, snapshots.
     pub cache_dir: PathBuf,
+    /// `PODFLARE_SPACES_DIR` (default `<cache>/spaces`): frozen sandboxes.
+    pub spaces_dir: PathBuf,
     /// `PODFLARE_KERNEL`: guest kernel (default `<cache>/kernel/current`, a link to the built vmlinux).
     pub kernel: PathBuf,
     /// `PODFLARE_TEMPLATES` (default `default,python-datasci`): templates to serve.
@@ -63,6 +65,10 @@ impl VmmConfig {
             Ok(p) if !p.is_empty() => PathBuf::from(p),
             _ => cache_dir.join("kernel/current"),
         };
+        let spaces_dir = match std::env::var("PODFLARE_SPACES_DIR") {
+            Ok(p) if !p.is_empty() => PathBuf::from(p),
+            _ => cache_dir.join("spaces"),
+        };
         let templates = env_or("PODFLARE_TEMPLATES", "default,python-datasci".to_string())?
             .split(',')
             .map(|s| s.trim().to_string())
@@ -77,6 +83,7 @@ impl VmmConfig {
         Ok(VmmConfig {
             log: Logger::new(format),
             cache_dir,
+            spaces_dir,
             kernel,
             templates,
             guest_ram_mib: env_or("PODFLARE_GUEST_RAM_MIB", 512)?,

@@ -141,7 +141,7 @@ impl VmFactory {
             templates.insert(t.name.clone(), t);
         }
         let admission = Admission::new(cfg.max_sandboxes, cfg.max_guest_memory_mib, cfg.memory_floor_mib);
-        let spaces = Spaces::open(cfg.cache_dir.join("spaces"), &cfg.log).map_err(|e| VmmError::Guest(e.to_string()))?;
+        let spaces = Spaces::open(cfg.spaces_dir.clone(), &cfg.log).map_err(|e| VmmError::Guest(e.to_string()))?;
         let inner = Arc::new(Inner {
             kvm,
             cfg,

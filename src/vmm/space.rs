@@ -134,7 +134,7 @@ fn fsync_dir(dir: &Path) -> Result<(), SpaceError> {
 
 impl Spaces {
     /// The store under `dir` (created, mode 0700): half-written spaces a
-    /// killed run left are removed, every other one is read and checked
+    /// killed run left (`<id>.tmp<pid>`, that pid gone) are removed, every other one is read and checked
     /// (frame, checksum, memory file size); one that fails is removed too,
     /// with a log line saying why.
     pub fn open(dir: PathBuf, log: &Logger) -> Result<Spaces, SpaceError> {
@@ -145,8 +145,10 @@ impl Spaces {
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
             if name.contains(".tmp") {
-                let _ = std::fs::remove_dir_all(&path);
-                log.info("removed a space a killed run left half written", &[("dir", json!(path.display().to_string()))]);
+                // Another hostd on this directory may be writing it now.
+                if super::cache::writer_gone(&path) && std::fs::remove_dir_all(&path).is_ok() {
+                    log.info("removed a space a killed run left half written", &[("dir", json!(path.display().to_string()))]);
+                }
                 continue;
             }
             match read_state(&path, &name) {
