@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::http::{create, request};
-use common::process::{free_port, start_hostd, wait_exit};
+use common::process::{free_port, start_hostd, start_hostd_under, wait_exit};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -123,4 +123,74 @@ fn spaces_survive_kill_9_and_damaged_ones_are_never_restored() {
     let _ = std::fs::remove_file(&log);
     assert!(logged.contains("removed an unreadable space") && logged.contains("half written"), "{logged}");
     assert!(logged.contains("space refused and removed"), "{logged}");
+}
+
+fn temp_paths(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("podflare-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = std::env::temp_dir().join(format!("podflare-{name}-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    (dir, log)
+}
+
+#[test]
+fn sigterm_freezes_persistent_sandboxes_and_destroys_the_rest() {
+    let Some(_kvm) = common::kvm_or_skip() else { return };
+    let (dir, log) = temp_paths("spaces-sigterm");
+    let env = [("PODFLARE_SPACES_DIR", dir.to_str().unwrap())];
+    let addr = free_port();
+    let mut hostd = start_hostd(addr, &log, &env);
+    let kept = create(addr, r#"{"persistent":true}"#);
+    exec(addr, &kept, "x = 'through sigterm'");
+    let plain = create(addr, "{}");
+    kill(Pid::from_raw(hostd.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_exit(&mut hostd, Duration::from_secs(20)).expect("hostd still running 20 s after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    let mut hostd = start_hostd(addr, &log, &env);
+    let listed = spaces(addr);
+    assert_eq!(listed.len(), 1, "only the persistent one: {listed:?}");
+    assert_eq!(listed[0]["source_sandbox"], kept.as_str());
+    assert_ne!(listed[0]["source_sandbox"], plain.as_str());
+    let (status, body) = request(addr, "POST", &format!("/v1/spaces/{}/resume", listed[0]["id"].as_str().unwrap()), "{}");
+    assert_eq!(status, 200, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["id"].as_str().unwrap().to_string();
+    let out = exec(addr, &id, "print(x)");
+    let _ = hostd.kill();
+    let _ = hostd.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&log);
+    assert!(out.contains(r#""data":"through sigterm""#), "{out}");
+}
+
+#[test]
+fn a_freeze_that_cannot_write_leaves_the_sandbox_running_and_nothing_listed() {
+    let Some(_kvm) = common::kvm_or_skip() else { return };
+    let (dir, log) = temp_paths("spaces-full");
+    let env = [("PODFLARE_SPACES_DIR", dir.to_str().unwrap())];
+    let addr = free_port();
+    // Files may not grow past 64 KiB (a guest's memory file is its RAM's
+    // size): every freeze fails to write, as on a full disk. SIGXFSZ is
+    // ignored so the write fails with an error instead of killing hostd.
+    let mut hostd = start_hostd_under("trap '' XFSZ; ulimit -f 64", addr, &log, &env);
+    let id = create(addr, r#"{"persistent":true,"idle_timeout_seconds":1}"#);
+    exec(addr, &id, "x = 'still here'");
+    let t = Instant::now();
+    let logged = loop {
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        if logged.contains("freezing into a space failed") || t.elapsed() > Duration::from_secs(60) {
+            break logged;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let out = exec(addr, &id, "print(x)");
+    let listed = spaces(addr);
+    let left: Vec<_> = std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    let _ = hostd.kill();
+    let _ = hostd.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&log);
+    assert!(logged.contains("freezing into a space failed") && logged.contains("keeps running"), "{logged}");
+    assert!(out.contains(r#""data":"still here""#), "the sandbox runs on: {out}");
+    assert!(listed.is_empty(), "{listed:?}");
+    assert!(left.is_empty(), "nothing half written stays: {left:?}");
 }

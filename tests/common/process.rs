@@ -16,8 +16,19 @@ pub fn free_port() -> SocketAddr {
 /// Starts the hostd binary on `addr` serving the `default` template (JSON
 /// log lines appended to `log`, plus `env`), and waits until it serves.
 pub fn start_hostd(addr: SocketAddr, log: &Path, env: &[(&str, &str)]) -> Child {
+    start(Command::new(env!("CARGO_BIN_EXE_podflare-hostd")), addr, log, env)
+}
+
+/// As [`start_hostd`], with `shell` (`sh` commands: limits, signal
+/// dispositions) run first in the process that then becomes hostd.
+pub fn start_hostd_under(shell: &str, addr: SocketAddr, log: &Path, env: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!("{shell}; exec \"$0\"")).arg(env!("CARGO_BIN_EXE_podflare-hostd"));
+    start(cmd, addr, log, env)
+}
+
+fn start(mut cmd: Command, addr: SocketAddr, log: &Path, env: &[(&str, &str)]) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_podflare-hostd"));
     cmd.env("PODFLARE_HOSTD_ADDR", addr.to_string())
         .env("PODFLARE_TEMPLATES", "default")
         .env("PODFLARE_LOG_FORMAT", "json")

@@ -60,6 +60,14 @@ def test_idle_freeze_then_resume_keeps_variables_files_processes_and_cwd(client)
         assert out(r, "import os\nprint(x, os.getcwd(), open('note.txt').read())") == "42 /work kept"
         pid = out(r, "cat /work/sleep.pid", language="bash")
         assert out(r, f"ps -o comm= -p {pid}", language="bash") == "sleep"
+        # A resumed sandbox forks like any other (its pages come from the
+        # space's file), and the child keeps them when the parent moves on.
+        kid = r.fork(n=1)[0]
+        try:
+            out(r, "x = 'parent moved on'")
+            assert out(kid, "print(x, open('note.txt').read())") == "42 kept"
+        finally:
+            close_quietly(kid)
         # The clock is the host's now, not the freeze's.
         assert abs(float(out(r, "import time\nprint(time.time())")) - time.time()) < 30
         # Consumed: gone from the listing, a second resume is 404.
