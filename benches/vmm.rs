@@ -7,7 +7,8 @@
 //! skipped without it), `PODFLARE_BENCH_COLD_BOOTS` (3), `PODFLARE_BENCH_IDLE_MAX`
 //! (600: cap on the idle-density run), `PODFLARE_BENCH_QEMU` (path of
 //! scripts/qemu-boot; the QEMU figure is skipped without it), `PODFLARE_BENCH_ONLY`
-//! (comma list of setup,restore,memory,throughput,fork,http,pty,pool,idle,density,cold);
+//! (comma list of setup,restore,memory,throughput,fork,spaces,http,pty,pool,idle,density,cold);
+//! `PODFLARE_BENCH_SPACE_MIB` (100: state of the sandbox in the spaces rows);
 //! `PODFLARE_BENCH_FORK_MIB` (100: parent state in the fork rows),
 //! `PODFLARE_BENCH_FORK_RUNS` (5: runs per fork row);
 //! `PODFLARE_BENCH_IDLE_NEIGHBOURS` (200: idle sandboxes in the idle rows);
@@ -38,6 +39,9 @@ use podflare_hostd::vmm::factory::VmFactory;
 use podflare_hostd::vmm::vm::{Vm, VmSpec};
 use podflare_hostd::vmm::{memory, Backend, VmmConfig};
 use serde_json::{json, Value};
+
+#[path = "vmm/spaces.rs"]
+mod spaces;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -1203,11 +1207,14 @@ fn main() {
     let mut c = cfg.clone();
     c.templates = vec!["default".into()];
     c.pool_size = 0;
+    // The bench's spaces are its own (every one is resumed, so none stays).
+    c.spaces_dir = std::env::temp_dir().join(format!("podflare-bench-spaces-{}", std::process::id()));
     let f = VmFactory::open(c).expect("template snapshot");
     section(&mut b, "restore", &mut |b| bench_restore(b, &f));
     section(&mut b, "memory", &mut |b| bench_memory(b, &f, &cfg));
     section(&mut b, "throughput", &mut |b| bench_throughput(b, &f));
     section(&mut b, "fork", &mut |b| bench_fork(b, &f));
+    section(&mut b, "spaces", &mut |b| spaces::bench_spaces(b, &f));
     if let Ok(base) = std::env::var("PODFLARE_BENCH_HTTP") {
         section(&mut b, "http", &mut |b| bench_http(b, &base));
         section(&mut b, "pty", &mut |b| bench_pty(b, &base));

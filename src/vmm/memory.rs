@@ -396,23 +396,25 @@ impl ForkImage {
     }
 }
 
-/// SHA-256 over the bytes of `runs` in `file` (holes read as zeros), in
-/// run order: what a frozen space's memory must still hold when resumed.
-pub fn digest_runs(file: &File, runs: &[PageRun]) -> Result<[u8; 32], MemoryError> {
-    use sha2::{Digest, Sha256};
+/// CRC-32 over the bytes of `runs` in `file` (holes read as zeros), in run
+/// order: what a frozen space's memory must still hold when resumed. A CRC
+/// finds a damaged or truncated file (the hazard: whoever can write the
+/// spaces directory owns the host anyway) at memory speed, so a resume
+/// checks every byte and stays fast.
+pub fn checksum_runs(file: &File, runs: &[PageRun]) -> Result<u32, MemoryError> {
     let err = |source| MemoryError::File { path: "space memory (read)".into(), source };
-    let mut hash = Sha256::new();
+    let mut crc = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     for r in runs {
         let (mut off, end) = (r.first * PAGE as u64, (r.first + r.pages) * PAGE as u64);
         while off < end {
             let n = ((end - off) as usize).min(buf.len());
             file.read_exact_at(&mut buf[..n], off).map_err(err)?;
-            hash.update(&buf[..n]);
+            crc.update(&buf[..n]);
             off += n as u64;
         }
     }
-    Ok(hash.finalize().into())
+    Ok(crc.finalize())
 }
 
 /// Pages covered by `runs`, one flag per page of guest RAM.

@@ -8,7 +8,7 @@
 //! It is written under `<id>.tmp<pid>`, both files fsynced, renamed into
 //! place and the directory fsynced, so a listed space is whole; a `.tmp`
 //! left by a killed run is removed at the next start. The record carries
-//! the SHA-256 of the memory runs: a resume reads them back and refuses a
+//! the CRC-32 of the memory runs: a resume reads them back and refuses a
 //! space whose bytes changed.
 
 use std::collections::BTreeMap;
@@ -76,8 +76,8 @@ pub struct SpaceRecord {
     pub runs: Vec<PageRun>,
     /// Non-zero bytes in `memory`.
     pub data_bytes: u64,
-    /// SHA-256 (hex) of the runs' bytes in `memory`, in run order.
-    pub memory_sha256: String,
+    /// CRC-32 of the runs' bytes in `memory`, in run order.
+    pub memory_crc32: u32,
     /// The channel's next stream number.
     pub next_stream: u32,
     /// The sandbox layer's own record (limits, flags, terminal sessions).
@@ -222,7 +222,7 @@ impl Spaces {
                 path: mem_path.display().to_string(),
                 source: std::io::Error::other(e.to_string()),
             })?;
-            let digest = memory::digest_runs(&file, &frozen.runs)
+            let crc = memory::checksum_runs(&file, &frozen.runs)
                 .map_err(|e| SpaceError::Io { path: mem_path.display().to_string(), source: std::io::Error::other(e.to_string()) })?;
             file.sync_all().map_err(io_err(&mem_path))?;
             let record = SpaceRecord {
@@ -232,7 +232,7 @@ impl Spaces {
                 created_unix: now_unix(),
                 runs: frozen.runs.clone(),
                 data_bytes: frozen.data_bytes,
-                memory_sha256: hex(&digest),
+                memory_crc32: crc,
                 next_stream: frozen.next_stream,
                 sandbox,
             };
@@ -264,7 +264,7 @@ impl Spaces {
     /// [`Spaces::consumed`] or [`Spaces::release`]. Its state is read and
     /// checked: the frame, the template snapshot it must lie over
     /// (`template` gives the snapshot metadata of a template this host
-    /// serves), the memory file's size and digest. A space that fails is
+    /// serves), the memory file's size and checksum. A space that fails is
     /// removed and the error says why.
     pub fn take(&self, id: &str, template: impl Fn(&str) -> Option<SnapshotMeta>) -> Result<Loaded, SpaceError> {
         {
@@ -291,8 +291,8 @@ impl Spaces {
             if st.record.runs.iter().any(|r| r.pages == 0 || r.first.checked_add(r.pages).is_none_or(|end| end > pages)) {
                 return Err("its page runs lie outside guest RAM".into());
             }
-            let digest = memory::digest_runs(&memory, &st.record.runs).map_err(|e| e.to_string())?;
-            if hex(&digest) != st.record.memory_sha256 {
+            let crc = memory::checksum_runs(&memory, &st.record.runs).map_err(|e| e.to_string())?;
+            if crc != st.record.memory_crc32 {
                 return Err("its memory file does not match its checksum".into());
             }
             Ok(Loaded { record: st.record, machine: st.machine, memory })
