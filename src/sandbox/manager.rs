@@ -506,17 +506,29 @@ impl Manager {
                 Expiry::Lifetime => "timeout_seconds",
                 Expiry::Idle => "idle_timeout_seconds",
             };
-            if sb.persistent() {
-                if self.freeze(sb, reason).is_err() {
+            let frozen = if sb.persistent() { Some(self.freeze(sb, reason)) } else { None };
+            match frozen {
+                Some(Ok(_)) => {}
+                // A guest that cannot freeze at all (not a VM) goes as before.
+                Some(Err(SandboxError::NotImplemented(what))) => {
+                    sb.destroy_guest(&format!("the sandbox reached its {reason}"));
+                    self.metrics.destroyed(reason, 1);
+                    self.log.warn(
+                        "persistent sandbox destroyed: its guest cannot be frozen",
+                        &[("sandbox", json!(sb.id())), ("reason", json!(reason)), ("cause", json!(what))],
+                    );
+                }
+                Some(Err(_)) => {
                     // It runs on (the error is logged); back in the registry.
                     sb.postpone_expiry(Instant::now() + sb.idle().max(FREEZE_RETRY));
                     lock(&self.sandboxes).insert(sb.id().to_string(), Arc::clone(sb));
                     continue;
                 }
-            } else {
-                sb.destroy_guest(&format!("the sandbox reached its {reason}"));
-                self.metrics.destroyed(reason, 1);
-                self.log.info("sandbox destroyed", &[("sandbox", json!(sb.id())), ("reason", json!(reason))]);
+                None => {
+                    sb.destroy_guest(&format!("the sandbox reached its {reason}"));
+                    self.metrics.destroyed(reason, 1);
+                    self.log.info("sandbox destroyed", &[("sandbox", json!(sb.id())), ("reason", json!(reason))]);
+                }
             }
             gone += 1;
         }
