@@ -456,7 +456,7 @@ fn qemu_boot_to_line(script: &str, cfg: &VmmConfig, extra: &[&str], line: &str, 
 }
 
 fn bench_restore(b: &mut Bench, f: &VmFactory) {
-    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new() };
+    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None };
     let n = b.pick(20, 5);
     let mut restore = Vec::new();
     let mut first = Vec::new();
@@ -535,7 +535,7 @@ m.close()
 /// snapshot is already cached: building it is a 4-minute cold boot here).
 fn bench_memory(b: &mut Bench, f: &VmFactory, cfg: &VmmConfig) {
     let n = b.pick(5, 2);
-    let spec = |t: &str| GuestSpec { template: t.into(), egress: true, sandbox_id: String::new() };
+    let spec = |t: &str| GuestSpec { template: t.into(), egress: true, sandbox_id: String::new(), ram_mib: None };
     let mut big = Vec::new();
     let mut big_again = Vec::new();
     let mut list = Vec::new();
@@ -623,7 +623,7 @@ fn bench_memory(b: &mut Bench, f: &VmFactory, cfg: &VmmConfig) {
 fn bench_fork(b: &mut Bench, f: &VmFactory) {
     let mib = b.knob("PODFLARE_BENCH_FORK_MIB", 100, 2);
     let runs = b.knob("PODFLARE_BENCH_FORK_RUNS", 5, 2);
-    let spec = |id: String| GuestSpec { template: "default".into(), egress: true, sandbox_id: id };
+    let spec = |id: String| GuestSpec { template: "default".into(), egress: true, sandbox_id: id, ram_mib: None };
     let parent = f.create_running(&spec("sbx_bench_parent".into())).expect("create");
     // 1 MiB at a time: one randbytes of the whole would touch twice the
     // memory (an int, then the bytes), and every first touch is a slow
@@ -727,7 +727,7 @@ fn bench_fork(b: &mut Bench, f: &VmFactory) {
 fn bench_throughput(b: &mut Bench, f: &VmFactory) {
     let kib = b.knob("PODFLARE_BENCH_THROUGHPUT_KIB", 64 << 10, 256);
     let size = if kib.is_multiple_of(1024) { format!("{} MiB", kib >> 10) } else { format!("{kib} KiB") };
-    let g = f.create_running(&GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new() }).expect("create");
+    let g = f.create_running(&GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None }).expect("create");
     py_ok(&g, &format!("import sys\n_b = 'x' * ({kib} << 10)\n"), "prepare");
     let t = Instant::now();
     let (code, bytes) = wait_exit(g.exec(Language::Python, "sys.stdout.write(_b)").expect("exec")).expect("exec");
@@ -751,7 +751,7 @@ fn bench_pool(b: &mut Bench, cfg: &VmmConfig) {
         Ok(f) => f,
         Err(e) => return b.row(what, format!("failed: {e}"), "<= 1 ms", "", 0),
     };
-    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new() };
+    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None };
     let n = b.pick(12, 5);
     let mut times = Vec::new();
     for _ in 0..n {
@@ -780,7 +780,7 @@ fn cpu_seconds() -> f64 {
 
 fn bench_density(b: &mut Bench, f: &VmFactory) {
     let max = b.knob("PODFLARE_BENCH_IDLE_MAX", 600, 10);
-    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new() };
+    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None };
     let mut live = Vec::new();
     let started = Instant::now();
     let mut refused = None;
@@ -843,7 +843,7 @@ fn host_available_mib() -> f64 {
 /// `PODFLARE_BENCH_IDLE_NEIGHBOURS` (200; quick 10) idle neighbours, and host
 /// memory per idle sandbox including KVM's own.
 fn bench_idle(b: &mut Bench, f: &VmFactory) {
-    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new() };
+    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None };
     let busy = f.create_running(&spec).expect("create");
     let warm = b.pick(20, 8);
     let alone = warm_exec_samples(&busy, warm);

@@ -35,7 +35,7 @@ fn factory() -> Option<&'static VmFactory> {
 }
 
 fn spec() -> GuestSpec {
-    GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new() }
+    GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None }
 }
 
 struct Output {

@@ -149,6 +149,10 @@ pub struct GuestSpec {
     pub egress: bool,
     /// The sandbox id this guest will serve (for log lines).
     pub sandbox_id: String,
+    /// RAM asked for (MiB, already within the host's maximum); `None`: the
+    /// template's own size. The VMM may round it up to a size it builds.
+    /// A fork child or a resumed space has its source's, whatever this says.
+    pub ram_mib: Option<u64>,
 }
 
 /// A frozen sandbox on disk, as the sandbox layer lists it.
@@ -212,6 +216,10 @@ pub trait Guest: Send + Sync {
     fn exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, GuestError>;
     /// Host memory this guest holds privately (bytes), for capacity reports.
     fn private_memory_bytes(&self) -> u64;
+    /// The guest's RAM (MiB), when it is a VM.
+    fn ram_mib(&self) -> Option<u64> {
+        None
+    }
     /// Ends the guest's channel at once: calls blocked on it (an exec start
     /// waiting for a guest that does not read) and later ones fail, and a
     /// running exec ends with `why`. The sandbox layer calls it when it

@@ -118,7 +118,9 @@ impl Manager {
             return Err(SandboxError::UnknownTemplate { template, served });
         }
         let id = format!("sbx_{}", random_hex32()?);
-        let spec = GuestSpec { template: template.clone(), egress: p.egress, sandbox_id: id.clone() };
+        // Asked for: at most the host's maximum; not asked: the template's own size.
+        let ram_mib = p.ram_mib.map(|r| r.min(self.cfg.ram_mib.max));
+        let spec = GuestSpec { template: template.clone(), egress: p.egress, sandbox_id: id.clone(), ram_mib };
         // Guest creation can take a while (restore); no lock is held.
         let guest = self.factory.create(&spec).map_err(SandboxError::from_guest)?;
         let sb = Arc::new(Sandbox::new(
@@ -139,7 +141,7 @@ impl Manager {
                 ("template", json!(sb.template())),
                 ("timeout_s", json!(sb.lifetime().as_secs())),
                 ("idle_timeout_s", json!(sb.idle().as_secs())),
-                ("ram_mib", json!(self.cfg.ram_mib.resolve(p.ram_mib))),
+                ("ram_mib", json!(sb.guest().and_then(|g| g.ram_mib()))),
                 ("rootfs_gb", json!(self.cfg.rootfs_gb.resolve(p.rootfs_gb))),
                 ("egress", json!(p.egress)),
                 ("persistent", json!(p.persistent)),
@@ -168,7 +170,7 @@ impl Manager {
         let ids = (0..n).map(|_| random_hex32().map(|h| format!("sbx_{h}"))).collect::<Result<Vec<_>, _>>()?;
         let specs: Vec<GuestSpec> = ids
             .iter()
-            .map(|c| GuestSpec { template: parent.template().to_string(), egress: parent.egress(), sandbox_id: c.clone() })
+            .map(|c| GuestSpec { template: parent.template().to_string(), egress: parent.egress(), sandbox_id: c.clone(), ram_mib: None })
             .collect();
         let started = Instant::now();
         // No lock is held: the parent runs on, other sandboxes are untouched.
@@ -581,7 +583,7 @@ impl Manager {
     fn resume_inner(&self, space: &str, p: &ResumeParams) -> Result<Arc<Sandbox>, SandboxError> {
         let id = format!("sbx_{}", random_hex32()?);
         // The template comes from the space; the factory fills it in.
-        let spec = GuestSpec { template: String::new(), egress: p.egress, sandbox_id: id.clone() };
+        let spec = GuestSpec { template: String::new(), egress: p.egress, sandbox_id: id.clone(), ram_mib: None };
         let (guest, info) = self.factory.resume_space(space, &spec).map_err(SandboxError::from_guest)?;
         // Like a create: what the request asks, else the host's defaults
         // (not the frozen sandbox's: a short idle limit that froze it

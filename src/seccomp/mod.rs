@@ -49,17 +49,21 @@ pub enum ThreadKind {
     Device,
     /// A vCPU thread: KVM_RUN and the device exits it handles.
     Vcpu,
+    /// The template builder: boots a template in a new RAM size on first
+    /// use and writes its snapshot into the cache.
+    TemplateBuilder,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::HttpAccept,
         ThreadKind::HttpWorker,
         ThreadKind::Reaper,
         ThreadKind::PoolFiller,
         ThreadKind::Device,
         ThreadKind::Vcpu,
+        ThreadKind::TemplateBuilder,
     ];
 
     fn index(self) -> usize {
@@ -117,8 +121,7 @@ pub fn enabled() -> bool {
 
 /// The compiled filters of each kind, built once per process (they embed
 /// our pid, for tgkill).
-static PROGRAMS: [OnceLock<[BpfProgram; 3]>; 6] =
-    [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
+static PROGRAMS: [OnceLock<[BpfProgram; 3]>; ThreadKind::ALL.len()] = [const { OnceLock::new() }; ThreadKind::ALL.len()];
 
 /// The BPF programs of `kind`, in install order.
 pub fn programs(kind: ThreadKind) -> Result<&'static [BpfProgram; 3], SeccompError> {

@@ -146,6 +146,17 @@ fn space_files(r: &mut Rules) -> Built {
     Ok(())
 }
 
+/// Writing a template snapshot into the cache (vmm/template.rs,
+/// vmm/persist.rs): its directory and lock file, the sparse memory file and
+/// the state file written, fsynced and renamed into place, stale snapshots
+/// of the same size removed.
+fn snapshot_files(r: &mut Rules) {
+    any(r, &[libc::SYS_openat, libc::SYS_flock, libc::SYS_readlink, libc::SYS_readlinkat]);
+    any(r, &[libc::SYS_mkdir, libc::SYS_mkdirat, libc::SYS_rename, libc::SYS_renameat, libc::SYS_renameat2]);
+    any(r, &[libc::SYS_unlink, libc::SYS_unlinkat, libc::SYS_rmdir, libc::SYS_getdents64]);
+    any(r, &[libc::SYS_fsync, libc::SYS_fdatasync, libc::SYS_ftruncate, libc::SYS_pwrite64]);
+}
+
 /// The allow-list of `kind` (a syscall not in it fails with EPERM).
 pub fn allowed(kind: ThreadKind) -> Result<Rules, BackendError> {
     let mut r = Rules::new();
@@ -170,6 +181,11 @@ pub fn allowed(kind: ThreadKind) -> Result<Rules, BackendError> {
         ThreadKind::PoolFiller => {
             thread_start(&mut r)?;
             vm_build(&mut r)?;
+        }
+        ThreadKind::TemplateBuilder => {
+            thread_start(&mut r)?;
+            vm_build(&mut r)?;
+            snapshot_files(&mut r);
         }
         // Dropping VMs (kicks, joins, closes, unmaps) needs only the runtime;
         // the memory watchdog reads /proc/meminfo and /proc/self/pagemap.

@@ -12,6 +12,7 @@ use kvm_ioctls::Kvm;
 use serde_json::json;
 
 use super::snapshot::SnapshotMeta;
+use super::sized::SizedTemplates;
 use super::template::{self, Template};
 use super::vm::Vm;
 use super::admission::{self, Admission};
@@ -85,7 +86,10 @@ struct Inner {
     kvm: Kvm,
     cfg: VmmConfig,
     backend: Backend,
-    templates: HashMap<String, Template>,
+    /// Every served template in the default RAM size, built at start.
+    templates: HashMap<String, Arc<Template>>,
+    /// The same templates in other RAM sizes, built on first use.
+    sized: SizedTemplates,
     counters: Counters,
     admission: Admission,
     pool: Pool,
@@ -138,15 +142,17 @@ impl VmFactory {
         let mut templates = HashMap::new();
         for t in built {
             let t = t?;
-            templates.insert(t.name.clone(), t);
+            templates.insert(t.name.clone(), Arc::new(t));
         }
         let admission = Admission::new(cfg.max_sandboxes, cfg.max_guest_memory_mib, cfg.memory_floor_mib);
         let spaces = Spaces::open(cfg.spaces_dir.clone(), &cfg.log).map_err(|e| VmmError::Guest(e.to_string()))?;
+        let sized = SizedTemplates::start(&cfg, backend)?;
         let inner = Arc::new(Inner {
             kvm,
             cfg,
             backend,
             templates,
+            sized,
             counters: Counters::default(),
             admission,
             pool: Pool { ready: Mutex::new(HashMap::new()), wake: Condvar::new() },
@@ -191,11 +197,24 @@ impl VmFactory {
 }
 
 impl Inner {
+    /// `name` in `ram_mib` MiB: the default size's, or one built on first use.
+    fn template(&self, name: &str, ram_mib: u64) -> Result<Arc<Template>, VmmError> {
+        let t = self.templates.get(name).ok_or_else(|| VmmError::Config(format!("unknown template {name:?}")))?;
+        if ram_mib == t.ram_mib {
+            return Ok(Arc::clone(t));
+        }
+        self.sized.get(name, ram_mib)
+    }
+
     fn restore(&self, template: &str) -> Result<Vm, VmmError> {
         let t = self
             .templates
             .get(template)
             .ok_or_else(|| VmmError::Config(format!("unknown template {template:?}")))?;
+        self.restore_from(t)
+    }
+
+    fn restore_from(&self, t: &Template) -> Result<Vm, VmmError> {
         let started = Instant::now();
         let memory = t.memory_file.try_clone().map_err(VmmError::Io)?;
         let rootfs = t.rootfs_file.try_clone().map_err(VmmError::Io)?;
@@ -260,7 +279,8 @@ fn pool_filler(inner: std::sync::Weak<Inner>) {
 pub struct RunningGuest {
     vm: Vm,
     inner: Arc<Inner>,
-    template: String,
+    /// The template snapshot under its memory (name and RAM size).
+    template: Arc<Template>,
 }
 
 impl Guest for RunningGuest {
@@ -273,6 +293,10 @@ impl Guest for RunningGuest {
 
     fn private_memory_bytes(&self) -> u64 {
         memory::private_bytes(self.vm.memory())
+    }
+
+    fn ram_mib(&self) -> Option<u64> {
+        Some(self.template.ram_mib)
     }
 
     fn shutdown(&self, why: &str) {
@@ -294,12 +318,9 @@ impl Guest for RunningGuest {
         if let Some(why) = self.vm.status().stopped() {
             return Err(GuestError::Failed(why));
         }
-        let t = inner
-            .templates
-            .get(&self.template)
-            .ok_or_else(|| GuestError::Internal(format!("template {:?} of a live guest is gone", self.template)))?;
+        let t = &self.template;
         let paused = std::cell::Cell::new(false);
-        let frozen = inner.spaces.freeze(&self.template, &t.snap.meta, source_sandbox, sandbox.clone(), |file| {
+        let frozen = inner.spaces.freeze(&t.name, t.ram_mib, &t.snap.meta, source_sandbox, sandbox.clone(), |file| {
             let f = self.vm.freeze_into(file)?;
             paused.set(true);
             Ok(f)
@@ -411,10 +432,7 @@ impl RunningGuest {
         if let Some(why) = self.vm.status().stopped() {
             return Err(GuestError::Failed(why));
         }
-        let t = inner
-            .templates
-            .get(&self.template)
-            .ok_or_else(|| GuestError::Internal(format!("template {:?} of a live guest is gone", self.template)))?;
+        let t = &self.template;
         let mut tickets = Vec::with_capacity(specs.len());
         for _ in specs {
             tickets.push(inner.admission.reserve()?);
@@ -436,7 +454,7 @@ impl RunningGuest {
                 .map_err(|e| failed("restore child", e))?;
             ticket.admit();
             // The child owns its place now: its drop releases it.
-            let child = RunningGuest { vm, inner: inner.clone(), template: self.template.clone() };
+            let child = RunningGuest { vm, inner: inner.clone(), template: Arc::clone(&self.template) };
             child.vm.status().label(inner.cfg.log.clone(), Some(spec.sandbox_id.clone()));
             // Fresh clock and entropy before anything else it runs.
             child.vm.channel().send_hello().map_err(|e| GuestError::Failed(e.to_string()))?;
@@ -544,7 +562,8 @@ impl VmFactory {
         let inner = &self.inner;
         let started = Instant::now();
         let ticket = inner.admission.reserve()?;
-        let meta_of = |name: &str| inner.templates.get(name).map(|t| t.snap.meta.clone());
+        // Its template in its RAM size (a size not built yet is built now).
+        let meta_of = |name: &str, mib: u64| inner.template(name, mib).ok().map(|t| t.snap.meta.clone());
         let loaded = inner.spaces.take(space, meta_of).map_err(|e| {
             if let SpaceError::Unusable { .. } = e {
                 inner.cfg.log.warn("space refused and removed", &[("space", json!(space)), ("cause", json!(e.to_string()))]);
@@ -554,10 +573,7 @@ impl VmFactory {
         let checked = started.elapsed();
         let record = loaded.record;
         let restored = (|| {
-            let t = inner
-                .templates
-                .get(&record.template)
-                .ok_or_else(|| VmmError::Config(format!("template {:?} is gone", record.template)))?;
+            let t = inner.template(&record.template, record.ram_mib)?;
             let mem = memory::private_file_mapping(t.memory_file.try_clone().map_err(VmmError::Io)?, t.snap.meta.ram_bytes)?;
             let image = Arc::new(memory::ForkImage::from_file(loaded.memory, record.runs.clone(), record.data_bytes));
             // SAFETY: `mem` is a fresh mapping no VM uses yet and nobody
@@ -567,10 +583,10 @@ impl VmFactory {
             let rootfs = t.rootfs_file.try_clone().map_err(VmmError::Io)?;
             let vm = Vm::restore_space(&inner.kvm, &format!("vm{n}"), rootfs, mem, &loaded.machine, record.next_stream, image)?;
             vm.resume()?;
-            Ok::<_, VmmError>(vm)
+            Ok::<_, VmmError>((vm, t))
         })();
-        let vm = match restored {
-            Ok(vm) => vm,
+        let (vm, template) = match restored {
+            Ok(r) => r,
             Err(e) => {
                 inner.spaces.release(space);
                 inner.cfg.log.error("resume failed; the space stays", &[("space", json!(space)), ("cause", json!(e.to_string()))]);
@@ -578,7 +594,7 @@ impl VmFactory {
             }
         };
         ticket.admit();
-        let guest = RunningGuest { vm, inner: inner.clone(), template: record.template.clone() };
+        let guest = RunningGuest { vm, inner: inner.clone(), template };
         guest.vm.status().label(inner.cfg.log.clone(), Some(spec.sandbox_id.clone()));
         inner.spaces.consumed(space);
         guest.vm.channel().send_hello().map_err(|e| GuestError::Failed(e.to_string()))?;
@@ -608,9 +624,21 @@ impl VmFactory {
         if !inner.templates.contains_key(&spec.template) {
             return Err(GuestError::UnknownTemplate(spec.template.clone()));
         }
-        let pooled = {
+        let mib = template::ram_class(inner.cfg.guest_ram_mib, spec.ram_mib);
+        // Another RAM size: its template (built now if this is its first use).
+        let template = inner.template(&spec.template, mib).map_err(|e| {
+            inner.cfg.log.error(
+                "template of the asked RAM size is not available",
+                &[("template", json!(spec.template)), ("ram_mib", json!(mib)), ("cause", json!(e.to_string()))],
+            );
+            GuestError::Internal(e.to_string())
+        })?;
+        // The warm pool holds default-size VMs only.
+        let pooled = if mib == inner.cfg.guest_ram_mib {
             let mut ready = inner.pool.ready.lock().unwrap_or_else(|p| p.into_inner());
             ready.get_mut(&spec.template).and_then(|v| v.pop())
+        } else {
+            None
         };
         // From here the VM holds a place: a pooled one took it when pooled.
         let vm = match pooled {
@@ -624,7 +652,7 @@ impl VmFactory {
                 if inner.cfg.pool_size > 0 {
                     inner.counters.pool_misses.fetch_add(1, Ordering::Relaxed);
                 }
-                let vm = inner.restore(&spec.template).map_err(|e| {
+                let vm = inner.restore_from(&template).map_err(|e| {
                     inner.cfg.log.error(
                         "restore failed",
                         &[
@@ -640,7 +668,7 @@ impl VmFactory {
             }
         };
         // The guest owns the place now: its drop releases it, whatever happens next.
-        let guest = RunningGuest { vm, inner: inner.clone(), template: spec.template.clone() };
+        let guest = RunningGuest { vm, inner: inner.clone(), template };
         guest.vm.status().label(inner.cfg.log.clone(), Some(spec.sandbox_id.clone()));
         // Fresh clock and entropy for this copy, queued ahead of any exec.
         guest.vm.channel().send_hello().map_err(|e| GuestError::Failed(e.to_string()))?;
@@ -679,6 +707,7 @@ impl VmFactory {
             "fork_children_total": c.fork_children.load(Ordering::Relaxed),
             "max_sandboxes": inner.cfg.max_sandboxes,
             "guest_ram_mib": inner.cfg.guest_ram_mib,
+            "ram_sizes_built_mib": inner.sized.built().iter().map(|(n, m)| json!({"template": n, "ram_mib": m})).collect::<Vec<_>>(),
             "host_memory_total_mib": total,
             "host_memory_available_mib": avail,
             "memory_limit_mib": inner.cfg.max_guest_memory_mib,

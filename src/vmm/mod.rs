@@ -20,6 +20,7 @@ pub mod device_manager;
 pub mod memory;
 pub mod mptable;
 pub mod snapshot;
+pub mod sized;
 pub mod space;
 pub mod state;
 pub mod factory;

@@ -68,6 +68,8 @@ pub struct SpaceRecord {
     /// The template it was restored from (its snapshot's memory lies under
     /// the space's pages).
     pub template: String,
+    /// Its guest RAM (MiB): which size of the template lies under it.
+    pub ram_mib: u64,
     /// The sandbox it was frozen from.
     pub source_sandbox: String,
     /// When it was frozen (Unix seconds).
@@ -182,6 +184,7 @@ impl Spaces {
                 json!({
                     "id": e.record.id,
                     "template": e.record.template,
+                    "ram_mib": e.record.ram_mib,
                     "bytes_on_disk": e.bytes_on_disk,
                     "created_unix": e.record.created_unix,
                     "source_sandbox": e.record.source_sandbox,
@@ -202,6 +205,7 @@ impl Spaces {
     pub fn freeze(
         &self,
         template: &str,
+        ram_mib: u64,
         meta: &SnapshotMeta,
         source_sandbox: &str,
         sandbox: Value,
@@ -228,6 +232,7 @@ impl Spaces {
             let record = SpaceRecord {
                 id: id.clone(),
                 template: template.to_string(),
+                ram_mib,
                 source_sandbox: source_sandbox.to_string(),
                 created_unix: now_unix(),
                 runs: frozen.runs.clone(),
@@ -266,7 +271,7 @@ impl Spaces {
     /// (`template` gives the snapshot metadata of a template this host
     /// serves), the memory file's size and checksum. A space that fails is
     /// removed and the error says why.
-    pub fn take(&self, id: &str, template: impl Fn(&str) -> Option<SnapshotMeta>) -> Result<Loaded, SpaceError> {
+    pub fn take(&self, id: &str, template: impl Fn(&str, u64) -> Option<SnapshotMeta>) -> Result<Loaded, SpaceError> {
         {
             let mut index = self.index();
             let e = index.get_mut(id).ok_or_else(|| SpaceError::Unknown(id.to_string()))?;
@@ -278,8 +283,9 @@ impl Spaces {
         let dir = self.dir.join(id);
         let checked = (|| {
             let st = read_state(&dir, id).map_err(|e| e.to_string())?;
-            let expect = template(&st.record.template)
-                .ok_or_else(|| format!("its template {:?} is not served by this host", st.record.template))?;
+            let expect = template(&st.record.template, st.record.ram_mib).ok_or_else(|| {
+                format!("its template {:?} in {} MiB is not available on this host", st.record.template, st.record.ram_mib)
+            })?;
             snapshot::check_meta(&st.meta, &dir.display().to_string(), &expect).map_err(|e| e.to_string())?;
             let path = dir.join("memory");
             let memory = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -38,6 +38,9 @@ fn warmup_code(template: &str) -> &'static str {
 pub struct Template {
     /// Template name.
     pub name: String,
+    /// Guest RAM of its snapshot (MiB): `PODFLARE_GUEST_RAM_MIB`, or a
+    /// size class built on first use ([`ram_class`]).
+    pub ram_mib: u64,
     /// The base image path (resolved).
     pub rootfs: PathBuf,
     /// The image the snapshot was taken with, held open: a rebuild of the
@@ -83,6 +86,38 @@ fn snapshot_key(cfg: &VmmConfig, backend: Backend, name: &str, kernel_id: &str, 
 /// Loads the template's cached snapshot, or boots the template and builds
 /// one (minutes on PVM). Several processes take turns through a lock.
 pub fn prepare_template(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str) -> Result<Template, VmmError> {
+    prepare_template_sized(kvm, cfg, backend, name, cfg.guest_ram_mib)
+}
+
+/// RAM sizes (MiB) templates are built in besides `PODFLARE_GUEST_RAM_MIB`:
+/// a request for RAM gets the smallest of these (or the default) that holds
+/// it, the largest when it asks for more. 3072 is the most that fits below
+/// the MMIO window in one region.
+pub const RAM_CLASSES_MIB: [u64; 3] = [1024, 2048, 3072];
+
+/// The RAM a sandbox that asks for `asked` MiB gets: the default size when
+/// it asks for no more than that, else the smallest class holding it, at
+/// most the largest class.
+pub fn ram_class(default_mib: u64, asked: Option<u64>) -> u64 {
+    match asked {
+        Some(a) if a > default_mib => {
+            RAM_CLASSES_MIB.iter().copied().find(|c| *c >= a).unwrap_or(RAM_CLASSES_MIB[RAM_CLASSES_MIB.len() - 1]).max(default_mib)
+        }
+        _ => default_mib,
+    }
+}
+
+/// As [`prepare_template`], for a guest of `ram_mib` MiB. A size other than
+/// the default lives in its own directory (`<name>-<ram>m`), so building one
+/// never removes another's snapshot.
+pub fn prepare_template_sized(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, ram_mib: u64) -> Result<Template, VmmError> {
+    let dir_name = if ram_mib == cfg.guest_ram_mib { name.to_string() } else { format!("{name}-{ram_mib}m") };
+    let mut sized = cfg.clone();
+    sized.guest_ram_mib = ram_mib;
+    prepare_in(kvm, &sized, backend, name, &dir_name)
+}
+
+fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name: &str) -> Result<Template, VmmError> {
     let link = cfg.rootfs(name);
     let rootfs = std::fs::canonicalize(&link).map_err(|_| VmmError::File {
         path: link.display().to_string(),
@@ -92,7 +127,7 @@ pub fn prepare_template(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str
     let kernel_id = file_identity(&cfg.kernel)?;
     let rootfs_id = file_identity(&rootfs)?;
     let key = snapshot_key(cfg, backend, name, &kernel_id, &rootfs_id);
-    let dir = cfg.cache_dir.join("snapshots").join(name).join(&key);
+    let dir = cfg.cache_dir.join("snapshots").join(dir_name).join(&key);
     let expect = SnapshotMeta {
         backend,
         cpu_model: snapshot::host_cpu_model(),
@@ -109,9 +144,12 @@ pub fn prepare_template(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str
     if state_path.exists() {
         match snapshot::read_state(&state_path, &expect) {
             Ok(snap) if memory_path.metadata().map(|m| m.len()).ok() == Some(expect.ram_bytes) => {
-                cfg.log.info("template snapshot found", &[("template", json!(name)), ("dir", json!(dir.display().to_string()))]);
+                cfg.log.info(
+                    "template snapshot found",
+                    &[("template", json!(name)), ("ram_mib", json!(cfg.guest_ram_mib)), ("dir", json!(dir.display().to_string()))],
+                );
                 let memory_file = open_file(&memory_path)?;
-                return Ok(Template { name: name.into(), rootfs, rootfs_file, memory_file, snap });
+                return Ok(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, snap });
             }
             Ok(_) => cfg.log.warn(
                 "template snapshot memory file is missing or the wrong size; rebuilding",
@@ -126,7 +164,7 @@ pub fn prepare_template(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str
     let snap = build_snapshot(kvm, cfg, backend, name, &rootfs, &dir, expect)?;
     let memory_file = open_file(&memory_path)?;
     remove_stale_snapshots(&cfg.log, &dir);
-    Ok(Template { name: name.into(), rootfs, rootfs_file, memory_file, snap })
+    Ok(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, snap })
 }
 
 fn open_file(path: &Path) -> Result<File, VmmError> {
@@ -191,7 +229,7 @@ pub fn build_snapshot(
     let started = Instant::now();
     cfg.log.info(
         "template: booting to build its snapshot",
-        &[("template", json!(name)), ("guest_wait_s", json!(cfg.boot_timeout.as_secs()))],
+        &[("template", json!(name)), ("ram_mib", json!(cfg.guest_ram_mib)), ("guest_wait_s", json!(cfg.boot_timeout.as_secs()))],
     );
     let spec = VmSpec {
         kernel: cfg.kernel.clone(),
@@ -212,7 +250,7 @@ pub fn build_snapshot(
     for port in 0..super::channel::PORTS {
         ch.wait_ready(port, 0, cfg.boot_timeout).map_err(|e| fail(format!("port {port} not ready: {e}")))?;
     }
-    cfg.log.info("template: agent and REPL ready", &[("template", json!(name)), ("s", secs(started))]);
+    cfg.log.info("template: agent and REPL ready", &[("template", json!(name)), ("ram_mib", json!(cfg.guest_ram_mib)), ("s", secs(started))]);
     let seen = [ch.ready_count(0), ch.ready_count(1)];
     ch.send_hello().map_err(|e| fail(e.to_string()))?;
     for (port, s) in seen.iter().enumerate() {
@@ -220,13 +258,13 @@ pub fn build_snapshot(
     }
     let rx = ch.exec(Language::Python, warmup_code(name)).map_err(|e| fail(e.to_string()))?;
     wait_exec_ok(rx, cfg.boot_timeout, "warm-up").map_err(|e| fail(e.to_string()))?;
-    cfg.log.info("template: warm-up done", &[("template", json!(name)), ("s", secs(started))]);
+    cfg.log.info("template: warm-up done", &[("template", json!(name)), ("ram_mib", json!(cfg.guest_ram_mib)), ("s", secs(started))]);
 
     let snap = persist::save_vm(&vm, dir, meta)?;
     drop(vm);
     cfg.log.info(
         "template: snapshot written",
-        &[("template", json!(name)), ("dir", json!(dir.display().to_string())), ("s", secs(started))],
+        &[("template", json!(name)), ("ram_mib", json!(cfg.guest_ram_mib)), ("dir", json!(dir.display().to_string())), ("s", secs(started))],
     );
     Ok(snap)
 }

@@ -133,3 +133,14 @@ def test_a_terminal_session_carries_through_freeze_and_resume(client):
         assert b"after-49" in got, got[-300:]
     finally:
         close_quietly(r)
+
+
+def test_a_space_keeps_its_ram_size(client):
+    s = Sandbox(client=client, ram_mib=1024, persistent=True, idle_timeout_seconds=2)
+    out(s, "x = int(open('/proc/meminfo').read().split()[1]) // 1024")
+    space = wait_frozen(s.id)
+    r = Sandbox.resume(space["id"], client=client)
+    try:
+        assert out(r, "print(x == int(open('/proc/meminfo').read().split()[1]) // 1024, x > 960)") == "True True"
+    finally:
+        close_quietly(r)
