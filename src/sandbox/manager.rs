@@ -118,8 +118,9 @@ impl Manager {
             return Err(SandboxError::UnknownTemplate { template, served });
         }
         let id = format!("sbx_{}", random_hex32()?);
-        // Asked for: at most the host's maximum; not asked: the template's own size.
-        let ram_mib = p.ram_mib.map(|r| r.min(self.cfg.ram_mib.max));
+        // Asked for (at most the host's maximum), else the host's default;
+        // the VMM rounds it up to a size it builds.
+        let ram_mib = Some(self.cfg.ram_mib.resolve(p.ram_mib));
         let spec = GuestSpec { template: template.clone(), egress: p.egress, sandbox_id: id.clone(), ram_mib };
         // Guest creation can take a while (restore); no lock is held.
         let guest = self.factory.create(&spec).map_err(SandboxError::from_guest)?;
