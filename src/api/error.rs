@@ -122,6 +122,7 @@ impl From<SandboxError> for ApiError {
                 ApiError::NotFound(e.to_string())
             }
             SandboxError::SpaceConflict(why) => ApiError::Conflict(why),
+            SandboxError::Unavailable(why) => ApiError::Unavailable(why),
             SandboxError::UnknownTemplate { .. } => ApiError::field("template", &e),
             SandboxError::CodeTooLarge { .. } => ApiError::field("code", &e),
             SandboxError::MergeAcrossTemplates { .. } => ApiError::field("winner", &e),

@@ -84,6 +84,9 @@ pub enum GuestError {
     /// No space has this id.
     #[error("unknown space {0:?}")]
     UnknownSpace(String),
+    /// Not now, later: what it needs is being prepared (a RAM size's template).
+    #[error("{0}")]
+    Unavailable(String),
     /// The space is busy (another request has it) or unusable (damaged; removed).
     #[error("{0}")]
     SpaceConflict(String),

@@ -15,7 +15,7 @@ use super::params::{CreateParams, PtyCommand, PtyReadParams, PtySpec, ResumePara
 use super::pty::{PtySession, PtySessions, PtyStream};
 use super::SandboxError;
 use crate::config::Config;
-use crate::guest::{GuestFactory, GuestSpec, Language, PtyStart};
+use crate::guest::{GuestError, GuestFactory, GuestSpec, Language, PtyStart};
 use base64::Engine;
 use crate::obs::metrics::{Op, Outcome, Snapshot};
 use crate::obs::{Logger, Metrics};
@@ -512,13 +512,14 @@ impl Manager {
             let frozen = if sb.persistent() { Some(self.freeze(sb, reason)) } else { None };
             match frozen {
                 Some(Ok(_)) => {}
-                // A guest that cannot freeze at all (not a VM) goes as before.
-                Some(Err(SandboxError::NotImplemented(what))) => {
+                // A guest that cannot freeze at all (not a VM, or one that
+                // has failed) goes as before.
+                Some(Err(e @ (SandboxError::NotImplemented(_) | SandboxError::Guest(GuestError::Failed(_))))) => {
                     sb.destroy_guest(&format!("the sandbox reached its {reason}"));
                     self.metrics.destroyed(reason, 1);
                     self.log.warn(
                         "persistent sandbox destroyed: its guest cannot be frozen",
-                        &[("sandbox", json!(sb.id())), ("reason", json!(reason)), ("cause", json!(what))],
+                        &[("sandbox", json!(sb.id())), ("reason", json!(reason)), ("cause", json!(e.to_string()))],
                     );
                 }
                 Some(Err(_)) => {

@@ -32,6 +32,9 @@ pub enum SandboxError {
     /// No space has this id.
     #[error("unknown space {0:?}")]
     UnknownSpace(String),
+    /// Not now: retry later (a RAM size's template is being built).
+    #[error("{0}")]
+    Unavailable(String),
     /// The space cannot be resumed or deleted now (another request has it)
     /// or at all (its files are damaged; it was removed).
     #[error("{0}")]
@@ -107,7 +110,8 @@ impl SandboxError {
             SandboxError::TooManyStreams { .. }
             | SandboxError::TooManySandboxStreams { .. }
             | SandboxError::TooManyPtySessions { .. }
-            | SandboxError::Capacity(..) => Outcome::Refused,
+            | SandboxError::Capacity(..)
+            | SandboxError::Unavailable(_) => Outcome::Refused,
             SandboxError::Guest(_) | SandboxError::Internal(_) => Outcome::Failed,
             _ => Outcome::Rejected,
         }
@@ -120,6 +124,7 @@ impl SandboxError {
             GuestError::Capacity(reason, why) => SandboxError::Capacity(reason, why),
             GuestError::Unsupported(what) => SandboxError::NotImplemented(what),
             GuestError::UnknownSpace(id) => SandboxError::UnknownSpace(id),
+            GuestError::Unavailable(why) => SandboxError::Unavailable(why),
             GuestError::SpaceConflict(why) => SandboxError::SpaceConflict(why),
             other => SandboxError::Guest(other),
         }

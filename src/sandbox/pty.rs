@@ -336,12 +336,25 @@ impl PtySessions {
     pub fn save(&self) -> Value {
         let b64 = base64::engine::general_purpose::STANDARD;
         let running: Vec<Arc<PtySession>> = self.lock().iter().filter(|s| !s.ended()).cloned().collect();
+        // The space's state file has a size cap: all replay windows
+        // together keep at most SAVED_REPLAY_BYTES, each its newest output.
+        let budget = SAVED_REPLAY_BYTES / running.len().max(1);
         Value::Array(
             running
                 .iter()
                 .map(|s| {
                     let st = s.lock();
-                    let ring: Vec<Value> = st.ring.iter().map(|(seq, data)| json!([seq, b64.encode(data.as_slice())])).collect();
+                    let mut kept = 0;
+                    let newest: Vec<&(u64, Arc<Vec<u8>>)> = st
+                        .ring
+                        .iter()
+                        .rev()
+                        .take_while(|(_, d)| {
+                            kept += d.len();
+                            kept <= budget
+                        })
+                        .collect();
+                    let ring: Vec<Value> = newest.iter().rev().map(|(seq, data)| json!([seq, b64.encode(data.as_slice())])).collect();
                     json!({
                         "id": s.id, "label": s.label, "created_ms": s.created_ms,
                         "handle": s.control.handle(), "next_seq": st.next_seq, "ring": ring,
@@ -398,6 +411,9 @@ impl PtySessions {
         PtyStream { pending, events, keepalive, done: false, _slot: slot }
     }
 }
+
+/// Replay bytes a frozen space keeps of all its sessions together.
+const SAVED_REPLAY_BYTES: usize = 16 << 20;
 
 /// A running session carried into another guest (a fork child, a resumed space).
 struct Carried {

@@ -13,6 +13,10 @@ pub struct VmmConfig {
     pub log: Logger,
     /// `PODFLARE_CACHE` (default `/var/lib/podflare`): built kernel, images, snapshots.
     pub cache_dir: PathBuf,
+    /// `PODFLARE_RAM_BUILD_WAIT_SECS` (default 20: under the SDK's 30 s
+    /// read timeout): how long a create waits for the first build of a RAM
+    /// size before it answers 503 and the build goes on.
+    pub ram_build_wait: Duration,
     /// `PODFLARE_SPACES_DIR` (default `<cache>/spaces`): frozen sandboxes.
     pub spaces_dir: PathBuf,
     /// `PODFLARE_KERNEL`: guest kernel (default `<cache>/kernel/current`, a link to the built vmlinux).
@@ -84,6 +88,7 @@ impl VmmConfig {
             log: Logger::new(format),
             cache_dir,
             spaces_dir,
+            ram_build_wait: Duration::from_secs(env_or("PODFLARE_RAM_BUILD_WAIT_SECS", 20)?),
             kernel,
             templates,
             guest_ram_mib: env_or("PODFLARE_GUEST_RAM_MIB", 512)?,

@@ -19,7 +19,7 @@ use super::admission::{self, Admission};
 use super::cache;
 use super::{memory, persist, Backend, VmmConfig, VmmError};
 use super::channel::Channel;
-use super::space::{SpaceError, Spaces};
+use super::space::{SpaceError, Spaces, TemplateLookup};
 use crate::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language, PtyControl, PtyStart, SpaceInfo, StreamRx};
 use crate::seccomp::{self, ThreadKind};
 
@@ -197,13 +197,27 @@ impl VmFactory {
 }
 
 impl Inner {
-    /// `name` in `ram_mib` MiB: the default size's, or one built on first use.
-    fn template(&self, name: &str, ram_mib: u64) -> Result<Arc<Template>, VmmError> {
-        let t = self.templates.get(name).ok_or_else(|| VmmError::Config(format!("unknown template {name:?}")))?;
+    /// `name` in `ram_mib` MiB: the default size's, or one built on first
+    /// use. A build that takes longer than `PODFLARE_RAM_BUILD_WAIT_SECS`
+    /// goes on in the background and this answers `Unavailable` (503: retry).
+    fn template(&self, name: &str, ram_mib: u64) -> Result<Arc<Template>, GuestError> {
+        let t = self.templates.get(name).ok_or_else(|| GuestError::UnknownTemplate(name.to_string()))?;
         if ram_mib == t.ram_mib {
             return Ok(Arc::clone(t));
         }
-        self.sized.get(name, ram_mib)
+        match self.sized.get(name, ram_mib, self.cfg.ram_build_wait) {
+            Ok(Some(t)) => Ok(t),
+            Ok(None) => Err(GuestError::Unavailable(format!(
+                "template {name:?} in {ram_mib} MiB is being built (the first request for this RAM size; a few minutes on a host that emulates the guest kernel); retry in a minute"
+            ))),
+            Err(e) => {
+                self.cfg.log.error(
+                    "template of the asked RAM size is not available",
+                    &[("template", json!(name)), ("ram_mib", json!(ram_mib)), ("cause", json!(e.to_string()))],
+                );
+                Err(GuestError::Internal(e.to_string()))
+            }
+        }
     }
 
     fn restore(&self, template: &str) -> Result<Vm, VmmError> {
@@ -547,7 +561,8 @@ impl GuestFactory for VmFactory {
 fn space_error(e: SpaceError) -> GuestError {
     match e {
         SpaceError::Unknown(id) => GuestError::UnknownSpace(id),
-        SpaceError::Busy(_) | SpaceError::Unusable { .. } => GuestError::SpaceConflict(e.to_string()),
+        SpaceError::Busy(_) | SpaceError::Unusable { .. } | SpaceError::Unservable(_) => GuestError::SpaceConflict(e.to_string()),
+        SpaceError::NotYet(why) => GuestError::Unavailable(why),
         SpaceError::Io { .. } => GuestError::Internal(e.to_string()),
     }
 }
@@ -563,7 +578,11 @@ impl VmFactory {
         let started = Instant::now();
         let ticket = inner.admission.reserve()?;
         // Its template in its RAM size (a size not built yet is built now).
-        let meta_of = |name: &str, mib: u64| inner.template(name, mib).ok().map(|t| t.snap.meta.clone());
+        let meta_of = |name: &str, mib: u64| match inner.template(name, mib) {
+            Ok(t) => Ok(t.snap.meta.clone()),
+            Err(GuestError::Unavailable(why)) => Err(TemplateLookup::NotYet(why)),
+            Err(e) => Err(TemplateLookup::Missing(e.to_string())),
+        };
         let loaded = inner.spaces.take(space, meta_of).map_err(|e| {
             if let SpaceError::Unusable { .. } = e {
                 inner.cfg.log.warn("space refused and removed", &[("space", json!(space)), ("cause", json!(e.to_string()))]);
@@ -573,7 +592,7 @@ impl VmFactory {
         let checked = started.elapsed();
         let record = loaded.record;
         let restored = (|| {
-            let t = inner.template(&record.template, record.ram_mib)?;
+            let t = inner.template(&record.template, record.ram_mib).map_err(|e| VmmError::Guest(e.to_string()))?;
             let mem = memory::private_file_mapping(t.memory_file.try_clone().map_err(VmmError::Io)?, t.snap.meta.ram_bytes)?;
             let image = Arc::new(memory::ForkImage::from_file(loaded.memory, record.runs.clone(), record.data_bytes));
             // SAFETY: `mem` is a fresh mapping no VM uses yet and nobody
@@ -626,13 +645,7 @@ impl VmFactory {
         }
         let mib = template::ram_class(inner.cfg.guest_ram_mib, spec.ram_mib);
         // Another RAM size: its template (built now if this is its first use).
-        let template = inner.template(&spec.template, mib).map_err(|e| {
-            inner.cfg.log.error(
-                "template of the asked RAM size is not available",
-                &[("template", json!(spec.template)), ("ram_mib", json!(mib)), ("cause", json!(e.to_string()))],
-            );
-            GuestError::Internal(e.to_string())
-        })?;
+        let template = inner.template(&spec.template, mib)?;
         // The warm pool holds default-size VMs only.
         let pooled = if mib == inner.cfg.guest_ram_mib {
             let mut ready = inner.pool.ready.lock().unwrap_or_else(|p| p.into_inner());

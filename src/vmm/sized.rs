@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use kvm_ioctls::Kvm;
 use serde_json::json;
@@ -34,9 +35,19 @@ pub struct SizedTemplates {
 impl SizedTemplates {
     /// Starts the builder thread (from an unfiltered thread: it installs
     /// its own filter first).
+    /// Sizes already in the cache are loaded here, so a restart serves
+    /// them at once.
     pub fn start(cfg: &VmmConfig, backend: Backend) -> Result<SizedTemplates, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
-        let built: Built = Arc::default();
+        let mut cached = HashMap::new();
+        for name in &cfg.templates {
+            for mib in template::RAM_CLASSES_MIB.into_iter().filter(|m| *m != cfg.guest_ram_mib) {
+                if let Some(t) = template::cached_template_sized(&kvm, cfg, backend, name, mib)? {
+                    cached.insert((name.clone(), mib), Arc::new(t));
+                }
+            }
+        }
+        let built: Built = Arc::new(Mutex::new(cached));
         let (tx, rx) = channel();
         let (cfg, shared) = (cfg.clone(), Arc::clone(&built));
         std::thread::Builder::new()
@@ -46,11 +57,13 @@ impl SizedTemplates {
         Ok(SizedTemplates { built, requests: Mutex::new(tx) })
     }
 
-    /// `name` in `mib` MiB: built already, or built now (this call waits;
-    /// on this host a build takes minutes, see the README).
-    pub fn get(&self, name: &str, mib: u64) -> Result<Arc<Template>, VmmError> {
+    /// `name` in `mib` MiB: built already, or built now. The call waits at
+    /// most `wait` for a build (on this host one takes minutes, see the
+    /// README); past that it answers `Ok(None)` and the build goes on, so a
+    /// later call finds it.
+    pub fn get(&self, name: &str, mib: u64, wait: Duration) -> Result<Option<Arc<Template>>, VmmError> {
         if let Some(t) = self.built.lock().unwrap_or_else(PoisonError::into_inner).get(&(name.to_string(), mib)) {
-            return Ok(Arc::clone(t));
+            return Ok(Some(Arc::clone(t)));
         }
         let (reply, answer) = channel();
         let gone = || VmmError::Guest("the template builder thread has stopped (see the log)".into());
@@ -59,7 +72,11 @@ impl SizedTemplates {
             .unwrap_or_else(PoisonError::into_inner)
             .send(Request { name: name.to_string(), mib, reply })
             .map_err(|_| gone())?;
-        answer.recv().map_err(|_| gone())?.map_err(VmmError::Guest)
+        match answer.recv_timeout(wait) {
+            Ok(built) => built.map(Some).map_err(VmmError::Guest),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(gone()),
+        }
     }
 
     /// The (template, MiB) built so far.

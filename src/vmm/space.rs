@@ -34,6 +34,14 @@ pub enum SpaceError {
     /// No space has this id (never was, consumed, deleted, or dropped).
     #[error("unknown space {0:?}")]
     Unknown(String),
+    /// What it needs is not ready yet (its template's RAM size is being
+    /// built); it stays for a later try.
+    #[error("{0}")]
+    NotYet(String),
+    /// Its template (in its RAM size) is not served by this host as it is
+    /// configured now; the space stays (a host serving it can resume it).
+    #[error("{0}")]
+    Unservable(String),
     /// Another request is resuming or deleting it right now.
     #[error("space {0:?} is being resumed or deleted by another request")]
     Busy(String),
@@ -91,6 +99,25 @@ struct SpaceState {
     record: SpaceRecord,
     meta: SnapshotMeta,
     machine: MachineState,
+}
+
+/// Why [`Spaces::take`] refused a space, and so what becomes of it.
+enum Refusal {
+    /// Its template is being built: it stays.
+    Later(String),
+    /// Its template is not served here: it stays.
+    Keep(String),
+    /// Its files are damaged or belong to another build: it is removed.
+    Gone(String),
+}
+use Refusal::{Gone, Keep, Later};
+
+/// Why a space's template could not be had for a resume.
+pub enum TemplateLookup {
+    /// Not served here, or it failed to build: the space cannot be resumed.
+    Missing(String),
+    /// Being built: the space stays, a later resume may find it.
+    NotYet(String),
 }
 
 /// A space read back for a resume: checked against the template snapshot
@@ -271,7 +298,7 @@ impl Spaces {
     /// (`template` gives the snapshot metadata of a template this host
     /// serves), the memory file's size and checksum. A space that fails is
     /// removed and the error says why.
-    pub fn take(&self, id: &str, template: impl Fn(&str, u64) -> Option<SnapshotMeta>) -> Result<Loaded, SpaceError> {
+    pub fn take(&self, id: &str, template: impl Fn(&str, u64) -> Result<SnapshotMeta, TemplateLookup>) -> Result<Loaded, SpaceError> {
         {
             let mut index = self.index();
             let e = index.get_mut(id).ok_or_else(|| SpaceError::Unknown(id.to_string()))?;
@@ -282,30 +309,47 @@ impl Spaces {
         }
         let dir = self.dir.join(id);
         let checked = (|| {
-            let st = read_state(&dir, id).map_err(|e| e.to_string())?;
-            let expect = template(&st.record.template, st.record.ram_mib).ok_or_else(|| {
-                format!("its template {:?} in {} MiB is not available on this host", st.record.template, st.record.ram_mib)
+            let st = read_state(&dir, id).map_err(|e| Gone(e.to_string()))?;
+            let expect = template(&st.record.template, st.record.ram_mib).map_err(|e| match e {
+                TemplateLookup::NotYet(why) => Later(why),
+                TemplateLookup::Missing(why) => Keep(format!(
+                    "space {id:?} cannot be resumed here: its template {:?} in {} MiB is not available ({why}); the space is kept",
+                    st.record.template, st.record.ram_mib
+                )),
             })?;
-            snapshot::check_meta(&st.meta, &dir.display().to_string(), &expect).map_err(|e| e.to_string())?;
+            let bad = |why: String| Err::<Loaded, Refusal>(Gone(why));
+            if let Err(e) = snapshot::check_meta(&st.meta, &dir.display().to_string(), &expect) {
+                return bad(e.to_string());
+            }
             let path = dir.join("memory");
-            let memory = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let len = memory.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
+            let memory = File::open(&path).map_err(|e| Gone(format!("{}: {e}", path.display())))?;
+            let len = memory.metadata().map_err(|e| Gone(format!("{}: {e}", path.display())))?.len();
             if len != st.meta.ram_bytes {
-                return Err(format!("its memory file is {len} bytes, the guest has {}", st.meta.ram_bytes));
+                return bad(format!("its memory file is {len} bytes, the guest has {}", st.meta.ram_bytes));
             }
             let pages = st.meta.ram_bytes / memory::PAGE_BYTES;
             if st.record.runs.iter().any(|r| r.pages == 0 || r.first.checked_add(r.pages).is_none_or(|end| end > pages)) {
-                return Err("its page runs lie outside guest RAM".into());
+                return bad("its page runs lie outside guest RAM".into());
             }
-            let crc = memory::checksum_runs(&memory, &st.record.runs).map_err(|e| e.to_string())?;
+            let crc = memory::checksum_runs(&memory, &st.record.runs).map_err(|e| Gone(e.to_string()))?;
             if crc != st.record.memory_crc32 {
-                return Err("its memory file does not match its checksum".into());
+                return bad("its memory file does not match its checksum".into());
             }
             Ok(Loaded { record: st.record, machine: st.machine, memory })
         })();
-        checked.map_err(|why| {
-            self.remove(id);
-            SpaceError::Unusable { id: id.to_string(), why }
+        checked.map_err(|e| match e {
+            Later(why) => {
+                self.release(id);
+                SpaceError::NotYet(why)
+            }
+            Keep(why) => {
+                self.release(id);
+                SpaceError::Unservable(why)
+            }
+            Gone(why) => {
+                self.remove(id);
+                SpaceError::Unusable { id: id.to_string(), why }
+            }
         })
     }
 

@@ -114,10 +114,20 @@ pub fn prepare_template_sized(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name
     let dir_name = if ram_mib == cfg.guest_ram_mib { name.to_string() } else { format!("{name}-{ram_mib}m") };
     let mut sized = cfg.clone();
     sized.guest_ram_mib = ram_mib;
-    prepare_in(kvm, &sized, backend, name, &dir_name)
+    let built = prepare_in(kvm, &sized, backend, name, &dir_name, true)?;
+    built.ok_or_else(|| VmmError::Guest(format!("template {name} in {ram_mib} MiB was not built")))
 }
 
-fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name: &str) -> Result<Template, VmmError> {
+/// `name` in `ram_mib` MiB (not the default size) if its snapshot is in the
+/// cache and fits this kernel and image; never boots.
+pub fn cached_template_sized(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, ram_mib: u64) -> Result<Option<Template>, VmmError> {
+    let mut sized = cfg.clone();
+    sized.guest_ram_mib = ram_mib;
+    prepare_in(kvm, &sized, backend, name, &format!("{name}-{ram_mib}m"), false)
+}
+
+/// Loads the cached snapshot, or (`build`) boots and builds it.
+fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name: &str, build: bool) -> Result<Option<Template>, VmmError> {
     let link = cfg.rootfs(name);
     let rootfs = std::fs::canonicalize(&link).map_err(|_| VmmError::File {
         path: link.display().to_string(),
@@ -149,7 +159,7 @@ fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name
                     &[("template", json!(name)), ("ram_mib", json!(cfg.guest_ram_mib)), ("dir", json!(dir.display().to_string()))],
                 );
                 let memory_file = open_file(&memory_path)?;
-                return Ok(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, snap });
+                return Ok(Some(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, snap }));
             }
             Ok(_) => cfg.log.warn(
                 "template snapshot memory file is missing or the wrong size; rebuilding",
@@ -161,10 +171,13 @@ fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name
             ),
         }
     }
+    if !build {
+        return Ok(None);
+    }
     let snap = build_snapshot(kvm, cfg, backend, name, &rootfs, &dir, expect)?;
     let memory_file = open_file(&memory_path)?;
     remove_stale_snapshots(&cfg.log, &dir);
-    Ok(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, snap })
+    Ok(Some(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, snap }))
 }
 
 fn open_file(path: &Path) -> Result<File, VmmError> {

@@ -3,6 +3,7 @@ PODFLARE_HOSTD_URL, and a fresh sandbox per test, deleted after it.
 """
 
 import os
+import time
 
 import httpx
 import pytest
@@ -24,6 +25,21 @@ def close_quietly(s):
     except httpx.HTTPStatusError as e:
         if e.response.status_code != 404:
             raise
+
+
+def create_sized(client, **kw):
+    """A sandbox with `ram_mib`: hostd answers 503 while that size's
+    template is built on first use (minutes on an emulated-kernel host), so
+    this retries, bounded by WAIT_S."""
+    deadline = time.time() + WAIT_S
+    while True:
+        try:
+            return Sandbox(client=client, **kw)
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code != 503 or time.time() > deadline:
+                raise
+            assert "being built" in e.response.json()["error"], e.response.text
+            time.sleep(5)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ Run: PODFLARE_HOSTD_URL=http://127.0.0.1:7070 pytest -q tests/sdk/test_ram.py
 
 from podflare import Sandbox
 
-from conftest import close_quietly
+from conftest import close_quietly, create_sized
 
 MEMTOTAL = "print(int(open('/proc/meminfo').read().split()[1]) // 1024)"
 
@@ -19,10 +19,10 @@ def mem_total_mib(sbx):
 
 def test_ram_mib_1024_gives_a_guest_that_sees_1_gib_and_its_children_too(client):
     # The first 1024 MiB create builds that size's template snapshot (minutes
-    # on an emulated-kernel host; the client waits up to PODFLARE_TEST_WAIT_S).
-    big = Sandbox(client=client, ram_mib=1024)
+    # on an emulated-kernel host: 503 until then, retried).
+    big = create_sized(client, ram_mib=1024)
     plain = Sandbox(client=client)
-    odd = Sandbox(client=client, ram_mib=700)
+    odd = create_sized(client, ram_mib=700)
     try:
         # The kernel keeps a few MiB of RAM for itself.
         assert 960 <= mem_total_mib(big) <= 1024

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from podflare import Sandbox
 
-from conftest import URL, WAIT_S, close_quietly
+from conftest import URL, WAIT_S, close_quietly, create_sized
 
 KEY = os.environ.get("PODFLARE_API_KEY")
 HEADERS = {"Authorization": f"Bearer {KEY}"} if KEY else {}
@@ -46,7 +46,7 @@ def out(sbx, code, language="python"):
 
 def test_idle_freeze_then_resume_keeps_variables_files_processes_and_cwd(client):
     s = Sandbox(client=client, persistent=True, idle_timeout_seconds=2)
-    out(s, "x = 6 * 7\nimport os\nos.makedirs('/work', exist_ok=True)\nos.chdir('/work')\nopen('note.txt', 'w').write('kept')")
+    out(s, "x = 6 * 7\nimport os, random\nos.makedirs('/work', exist_ok=True)\nos.chdir('/work')\nopen('note.txt', 'w').write('kept')\nsaved = random.getstate()")
     out(s, "nohup sleep 1000 >/dev/null 2>&1 &\necho $! > /work/sleep.pid", language="bash")
     space = wait_frozen(s.id)
     assert space["template"] == "default" and space["bytes_on_disk"] > 0
@@ -68,6 +68,9 @@ def test_idle_freeze_then_resume_keeps_variables_files_processes_and_cwd(client)
             assert out(kid, "print(x, open('note.txt').read())") == "42 kept"
         finally:
             close_quietly(kid)
+        # Fresh entropy: `random` was reseeded, it does not go on from the
+        # state it had when frozen.
+        assert out(r, "a = random.random()\nrandom.setstate(saved)\nprint(a != random.random())") == "True"
         # The clock is the host's now, not the freeze's.
         assert abs(float(out(r, "import time\nprint(time.time())")) - time.time()) < 30
         # Consumed: gone from the listing, a second resume is 404.
@@ -136,7 +139,7 @@ def test_a_terminal_session_carries_through_freeze_and_resume(client):
 
 
 def test_a_space_keeps_its_ram_size(client):
-    s = Sandbox(client=client, ram_mib=1024, persistent=True, idle_timeout_seconds=2)
+    s = create_sized(client, ram_mib=1024, persistent=True, idle_timeout_seconds=2)
     out(s, "x = int(open('/proc/meminfo').read().split()[1]) // 1024")
     space = wait_frozen(s.id)
     r = Sandbox.resume(space["id"], client=client)
