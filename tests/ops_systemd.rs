@@ -21,6 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::http::request;
+use common::process::wait_exit;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -105,17 +106,6 @@ fn recv(sock: &UnixDatagram, within: Duration) -> Option<String> {
     let mut buf = [0u8; 4096];
     let n = sock.recv(&mut buf).ok()?;
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let t = Instant::now();
-    while t.elapsed() < within {
-        if let Some(st) = child.try_wait().unwrap() {
-            return Some(st);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
 }
 
 fn kvm_or_skip() -> bool {

@@ -37,15 +37,7 @@ impl Controller {
             Action::Metrics => Ok(Reply::Metrics(m.metrics().render(m.metrics_snapshot()))),
             Action::ListSandboxes => Ok(Reply::Json(m.list())),
             Action::GetSandbox { id } => m.info(&id).map(Reply::Json),
-            Action::Create(params) => {
-                let sb = m.create(&params)?;
-                let mut body = json!({ "id": sb.id(), "state": "ready" });
-                if let Some((region, endpoint)) = m.config().placement() {
-                    body["region"] = json!(region);
-                    body["endpoint"] = json!(endpoint);
-                }
-                Ok(Reply::Json(body))
-            }
+            Action::Create(params) => Ok(Reply::Json(created(m, m.create(&params)?.id()))),
             Action::Delete { id } => m.destroy(&id).map(|()| Reply::NoContent),
             Action::Exec { id, language, code } => m.exec(&id, language, code).map(Reply::Stream),
             Action::Replay { id } => m.replay(&id).map(Reply::Ndjson),
@@ -54,15 +46,8 @@ impl Controller {
                 Ok(Reply::Json(json!({ "children": children.iter().map(|c| c.id()).collect::<Vec<_>>() })))
             }
             Action::MergeInto { parent, winner } => m.merge(&parent, &winner).map(|()| Reply::NoContent),
-            Action::ResumeSpace { space, params } => {
-                let sb = m.resume_space(&space, &params)?;
-                let mut body = json!({ "id": sb.id(), "state": "ready" });
-                if let Some((region, endpoint)) = m.config().placement() {
-                    body["region"] = json!(region);
-                    body["endpoint"] = json!(endpoint);
-                }
-                Ok(Reply::Json(body))
-            }
+            // Answered like a create: a new sandbox.
+            Action::ResumeSpace { space, params } => Ok(Reply::Json(created(m, m.resume_space(&space, &params)?.id()))),
             Action::DeleteSpace { space } => m.delete_space(&space).map(|()| Reply::NoContent),
             Action::PtyCreate { id, spec } => m.pty_create(&id, &spec).map(Reply::Pty),
             Action::PtyList { id } => m.pty_list(&id).map(Reply::Json),
@@ -73,4 +58,15 @@ impl Controller {
             Action::PtyRead { id, pty, params } => m.pty_read(&id, &pty, &params).map(Reply::Json),
         }
     }
+}
+
+/// The answer to a create (and a resume): the new id, and where to reach it
+/// when this host is one of several (`region`, `endpoint`).
+fn created(m: &Manager, id: &str) -> serde_json::Value {
+    let mut body = json!({ "id": id, "state": "ready" });
+    if let Some((region, endpoint)) = m.config().placement() {
+        body["region"] = json!(region);
+        body["endpoint"] = json!(endpoint);
+    }
+    body
 }
