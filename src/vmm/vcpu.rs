@@ -169,6 +169,21 @@ impl VcpuHandle {
         Ok(VcpuHandle { index, tx: cmd_tx, rx: std::sync::Mutex::new(reply_rx), thread: Some(thread) })
     }
 
+    /// CPU time this vCPU's thread has used so far (None once it ended).
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let t = self.thread.as_ref().filter(|t| !t.is_finished())?;
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: the pthread id belongs to a thread we have not joined, so
+        // it is valid; `clock` is a writable clockid_t for the call.
+        if unsafe { libc::pthread_getcpuclockid(t.as_pthread_t(), &mut clock) } != 0 {
+            return None;
+        }
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a writable timespec; a clock of a thread that ended
+        // meanwhile is refused with EINVAL, not undefined behaviour.
+        (unsafe { libc::clock_gettime(clock, &mut ts) } == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    }
+
     fn kick(&self) {
         if let Some(t) = &self.thread {
             // SAFETY: the pthread id belongs to a thread we have not joined

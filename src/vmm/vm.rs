@@ -525,6 +525,12 @@ impl Vm {
         }
     }
 
+    /// CPU time the vCPU threads have used so far: what the guest costs the
+    /// host while it runs (on PVM, mostly its emulated kernel).
+    pub fn vcpus_cpu_time(&self) -> Duration {
+        self.vcpus.iter().filter_map(VcpuHandle::cpu_time).sum()
+    }
+
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
