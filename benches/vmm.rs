@@ -5,7 +5,7 @@
 //!
 //! Env: `PODFLARE_BENCH_HTTP` (base URL of a running hostd; HTTP rows are
 //! skipped without it), `PODFLARE_BENCH_COLD_BOOTS` (3), `PODFLARE_BENCH_IDLE_MAX`
-//! (600: cap on the idle-density run), `PODFLARE_BENCH_QEMU` (path of
+//! (1100: cap on the idle-density run), `PODFLARE_BENCH_QEMU` (path of
 //! scripts/qemu-boot; the QEMU figure is skipped without it), `PODFLARE_BENCH_ONLY`
 //! (comma list of setup,restore,memory,throughput,fork,spaces,http,pty,pool,idle,density,cold);
 //! `PODFLARE_BENCH_SPACE_MIB` (100: state of the sandbox in the spaces rows);
@@ -572,7 +572,7 @@ fn cpu_seconds() -> f64 {
 }
 
 fn bench_density(b: &mut Bench, f: &VmFactory) {
-    let max = b.knob("PODFLARE_BENCH_IDLE_MAX", 600, 10);
+    let max = b.knob("PODFLARE_BENCH_IDLE_MAX", 1100, 10);
     let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None };
     let mut live = Vec::new();
     let started = Instant::now();
@@ -603,7 +603,7 @@ fn bench_density(b: &mut Bench, f: &VmFactory) {
         per
     );
     let note = if b.quick { join_note(&note, &format!("quick: a cap of {max}, so it says nothing of the target")) } else { note };
-    b.row("idle sandboxes held at once", format!("{}", live.len()), ">= 500", &note, 0);
+    b.row("idle sandboxes held at once", format!("{}", live.len()), ">= 1000", &note, 0);
 }
 
 /// `print(1)` through the channel on `g`: `n` warm runs, ms (3 more first,

@@ -5,7 +5,11 @@
 //! `PODFLARE_VM_WAIT_READY=1` it instead waits for the guest agent and the
 //! REPL to announce themselves on the channel, prints the time taken, and
 //! exits: the cold-boot figure `scripts/bench` compares with QEMU.
-//! Env: `PODFLARE_GUEST_RAM_MIB` (512), `PODFLARE_BOOT_TIMEOUT_SECS` (900).
+//! Env: `PODFLARE_GUEST_RAM_MIB` (512), `PODFLARE_BOOT_TIMEOUT_SECS` (900),
+//! `PODFLARE_VM_VCPUS` (1; more is for finding out why SMP guests do not
+//! come up on PVM, which hostd itself still refuses),
+//! `PODFLARE_VM_SAMPLE_SECS` (0: off; else print every vCPU's RIP and run
+//! state that often, pausing the guest for a moment each time).
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -35,7 +39,7 @@ fn main() {
         kernel: args[0].clone().into(),
         rootfs: args[1].clone().into(),
         ram_bytes: env_u64("PODFLARE_GUEST_RAM_MIB", 512) << 20,
-        vcpus: 1,
+        vcpus: env_u64("PODFLARE_VM_VCPUS", 1).clamp(1, 8) as u8,
         backend,
         extra_cmdline: args[2..].join(" "),
     };
@@ -61,6 +65,8 @@ fn main() {
         println!("ready_ms {:.1}", started.elapsed().as_secs_f64() * 1e3);
         return;
     }
+    let sample_every = Duration::from_secs(env_u64("PODFLARE_VM_SAMPLE_SECS", 0));
+    let mut next_sample = started + sample_every;
     let mut shown = 0u64;
     let mut out = std::io::stdout();
     loop {
@@ -75,6 +81,25 @@ fn main() {
         if let Some(why) = vm.status().stopped() {
             eprintln!("podflare-vm: guest stopped after {:.1} s: {why}", started.elapsed().as_secs_f64());
             std::process::exit(if why.contains("failed") || why.contains("exit") { 2 } else { 0 });
+        }
+        if !sample_every.is_zero() && Instant::now() >= next_sample {
+            next_sample += sample_every;
+            let at = vm.pause().and_then(|()| vm.save_state());
+            let _ = vm.resume();
+            match at {
+                Ok(state) => {
+                    let cpus: Vec<String> = state
+                        .vcpus
+                        .iter()
+                        .map(|v| {
+                            let (rip, mp) = v.where_at();
+                            format!("rip={rip:#x} mp_state={mp}")
+                        })
+                        .collect();
+                    eprintln!("podflare-vm: at {:.1} s: {}", started.elapsed().as_secs_f64(), cpus.join("; "));
+                }
+                Err(e) => eprintln!("podflare-vm: sample failed: {e}"),
+            }
         }
         if started.elapsed() > timeout {
             eprintln!("podflare-vm: timed out after {timeout:?}");

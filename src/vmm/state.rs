@@ -184,6 +184,12 @@ impl VcpuState {
         })
     }
 
+    /// Where the vCPU was (RIP) and its run state (KVM_MP_STATE_*), for
+    /// diagnostics of a guest that does not answer.
+    pub fn where_at(&self) -> (u64, u32) {
+        (self.regs.rip, self.mp_state.mp_state)
+    }
+
     /// Loads this state into a fresh vCPU, in the order KVM needs.
     /// `age_ns` is how long ago the state was saved: the guest's TSC (its
     /// clocksource when the TSC is stable) and TSC deadline move on by that
