@@ -303,10 +303,26 @@ pub fn cpuid_for(kvm: &Kvm, backend: Backend, index: u8, count: u8) -> Result<Cp
         }
         if backend == Backend::Pvm {
             filter_for_pvm(e);
+            if count > 1 && e.function == KVM_CPUID_FEATURES {
+                // The paravirtual features that act through a hypercall, used
+                // by the guest only with more than one vCPU. On PVM the
+                // hypercall does not complete: a 2-vCPU boot hung with the
+                // second vCPU spinning in `__send_ipi_mask` (PV IPI) and the
+                // first in `queued_spin_lock_slowpath`. Without them the guest
+                // sends IPIs through its local APIC and spins natively.
+                e.eax &= !((1 << KVM_FEATURE_PV_UNHALT) | (1 << KVM_FEATURE_PV_SEND_IPI) | (1 << KVM_FEATURE_PV_SCHED_YIELD));
+            }
         }
     }
     Ok(cpuid)
 }
+
+/// KVM's paravirtual feature leaf and the feature bits (EAX) that need a
+/// hypercall: PV spinlock kick, PV IPIs, PV yield.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_PV_UNHALT: u32 = 7;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 13;
 
 /// Features a PVM host cannot emulate in guest kernel mode (each one was an
 /// emulation failure or a wrong result), plus every AVX flavour: with
