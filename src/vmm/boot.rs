@@ -303,15 +303,7 @@ pub fn cpuid_for(kvm: &Kvm, backend: Backend, index: u8, count: u8) -> Result<Cp
         }
         if backend == Backend::Pvm {
             filter_for_pvm(e);
-            if count > 1 && e.function == KVM_CPUID_FEATURES {
-                // The paravirtual features that act through a hypercall, used
-                // by the guest only with more than one vCPU. On PVM the
-                // hypercall does not complete: a 2-vCPU boot hung with the
-                // second vCPU spinning in `__send_ipi_mask` (PV IPI) and the
-                // first in `queued_spin_lock_slowpath`. Without them the guest
-                // sends IPIs through its local APIC and spins natively.
-                e.eax &= !((1 << KVM_FEATURE_PV_UNHALT) | (1 << KVM_FEATURE_PV_SEND_IPI) | (1 << KVM_FEATURE_PV_SCHED_YIELD));
-            }
+            hide_pv_hypercalls(e, count);
         }
     }
     Ok(cpuid)
@@ -323,6 +315,19 @@ const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
 const KVM_FEATURE_PV_UNHALT: u32 = 7;
 const KVM_FEATURE_PV_SEND_IPI: u32 = 11;
 const KVM_FEATURE_PV_SCHED_YIELD: u32 = 13;
+
+/// Hides the paravirtual features that act through a hypercall, which a
+/// guest uses only with more than one vCPU. On PVM the hypercall does not
+/// complete: a 2-vCPU boot hung with the second vCPU spinning in
+/// `__send_ipi_mask` (PV IPI) and the first in `queued_spin_lock_slowpath`.
+/// Without them the guest sends IPIs through its local APIC and its
+/// spinlocks spin natively. A 1-vCPU guest's CPUID stays as it was, so its
+/// template snapshots keep their key.
+fn hide_pv_hypercalls(e: &mut kvm_bindings::kvm_cpuid_entry2, count: u8) {
+    if count > 1 && e.function == KVM_CPUID_FEATURES {
+        e.eax &= !((1 << KVM_FEATURE_PV_UNHALT) | (1 << KVM_FEATURE_PV_SEND_IPI) | (1 << KVM_FEATURE_PV_SCHED_YIELD));
+    }
+}
 
 /// Features a PVM host cannot emulate in guest kernel mode (each one was an
 /// emulation failure or a wrong result), plus every AVX flavour: with
@@ -408,6 +413,23 @@ mod tests {
         let hw = cmdline(Backend::Hardware, &[(0xd000_0000, 5)], "x=1");
         assert!(!hw.contains("noxsave"));
         assert!(hw.ends_with("x=1"));
+    }
+
+    #[test]
+    fn smp_guests_on_pvm_lose_only_the_hypercall_pv_features() {
+        let leaf = || kvm_bindings::kvm_cpuid_entry2 { function: KVM_CPUID_FEATURES, eax: u32::MAX, ..Default::default() };
+        let mut one = leaf();
+        hide_pv_hypercalls(&mut one, 1);
+        assert_eq!(one.eax, u32::MAX, "a 1-vCPU guest's CPUID must not change");
+        let mut two = leaf();
+        hide_pv_hypercalls(&mut two, 2);
+        for bit in [KVM_FEATURE_PV_UNHALT, KVM_FEATURE_PV_SEND_IPI, KVM_FEATURE_PV_SCHED_YIELD] {
+            assert_eq!(two.eax & (1 << bit), 0, "bit {bit}");
+        }
+        assert_eq!(two.eax | (1 << 7) | (1 << 11) | (1 << 13), u32::MAX, "only those three bits go");
+        let mut other = kvm_bindings::kvm_cpuid_entry2 { function: 1, eax: u32::MAX, ..Default::default() };
+        hide_pv_hypercalls(&mut other, 2);
+        assert_eq!(other.eax, u32::MAX);
     }
 
     #[test]
