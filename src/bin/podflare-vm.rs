@@ -6,8 +6,8 @@
 //! REPL to announce themselves on the channel, prints the time taken, and
 //! exits: the cold-boot figure `scripts/bench` compares with QEMU.
 //! Env: `PODFLARE_GUEST_RAM_MIB` (512), `PODFLARE_BOOT_TIMEOUT_SECS` (900),
-//! `PODFLARE_VM_VCPUS` (1; more is for finding out why SMP guests do not
-//! come up on PVM, which hostd itself still refuses),
+//! `PODFLARE_VM_VCPUS` (1; a 2-vCPU guest boots through its selftest on
+//! PVM, while hostd itself still refuses more than 1),
 //! `PODFLARE_VM_SAMPLE_SECS` (0: off; else print every vCPU's RIP and run
 //! state that often, pausing the guest for a moment each time).
 
