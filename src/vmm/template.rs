@@ -250,11 +250,11 @@ struct Settled {
 }
 
 /// Waits until the guest's vCPUs are quiet for two windows in a row (or
-/// `limit` passes). Right after the warm-up the guest kernel still has work
-/// queued (deferred page and memory bookkeeping after the REPL's heap was
-/// prepared, timers due); a snapshot taken then hands that work to every
-/// sandbox restored from it, and on PVM it measured 1.5 s of emulated
-/// kernel time per create, which each sandbox's first exec waited behind.
+/// `limit` passes). Work the guest kernel still has queued when the
+/// snapshot is taken would be redone by every sandbox restored from it, and
+/// each first exec would wait behind it. (The snapshot built before this
+/// step cost 1.5 s of vCPU time per restore on PVM; rebuilt, 0.2-0.8 s,
+/// varying by the hour for reasons not pinned down.)
 fn settle(vm: &Vm, limit: Duration) -> Settled {
     let started = Instant::now();
     let first = vm.vcpus_cpu_time();

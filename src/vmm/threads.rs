@@ -20,7 +20,9 @@ fn thread_clock(tid: libc::pid_t) -> libc::clockid_t {
     ((!tid) << 3) | 6
 }
 
-fn clock_time(clock: libc::clockid_t) -> Option<Duration> {
+/// Reads a CPU clock (a thread's, from `thread_clock` or
+/// `pthread_getcpuclockid`); None if the thread has ended.
+pub(crate) fn clock_time(clock: libc::clockid_t) -> Option<Duration> {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec for the call's duration;
     // an id of a thread that has ended is refused with EINVAL, not UB.

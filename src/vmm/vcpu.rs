@@ -178,10 +178,7 @@ impl VcpuHandle {
         if unsafe { libc::pthread_getcpuclockid(t.as_pthread_t(), &mut clock) } != 0 {
             return None;
         }
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: `ts` is a writable timespec; a clock of a thread that ended
-        // meanwhile is refused with EINVAL, not undefined behaviour.
-        (unsafe { libc::clock_gettime(clock, &mut ts) } == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+        super::threads::clock_time(clock)
     }
 
     fn kick(&self) {
