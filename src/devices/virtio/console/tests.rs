@@ -471,7 +471,7 @@ fn save_restore_continues() {
     let bad: DeviceState = serde_json::from_value(bad).unwrap();
     let (mut c5, _, _) = console(1 << 20);
     assert!(c5.restore(&bad, m.clone(), int.clone(), vec![]).is_err());
-    let other_kind = DeviceState::Block(crate::devices::virtio::block::BlockState { capacity: 7 });
+    let other_kind = DeviceState::Block(crate::devices::virtio::block::BlockState { capacity: 7, ..Default::default() });
     assert!(c5.restore(&other_kind, m.clone(), int, vec![]).is_err());
 }
 

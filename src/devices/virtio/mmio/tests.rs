@@ -71,7 +71,7 @@ impl VirtioDevice for Dummy {
 
 /// The dummy's own state: any typed value the transport must carry through.
 fn dummy_state() -> DeviceState {
-    DeviceState::Block(crate::devices::virtio::block::BlockState { capacity: 4242 })
+    DeviceState::Block(crate::devices::virtio::block::BlockState { capacity: 4242, ..Default::default() })
 }
 
 fn dummy(sizes: &[u16]) -> (Box<Dummy>, Arc<Mutex<Seen>>) {
