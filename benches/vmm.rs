@@ -231,6 +231,7 @@ fn bench_kvm_setup(b: &mut Bench, kvm: &kvm_ioctls::Kvm, rootfs: &std::path::Pat
         vcpus: 1,
         backend: Backend::detect(),
         extra_cmdline: String::new(),
+        disk: None,
     };
     let n = b.pick(20, 8);
     let mut ours = Vec::new();
@@ -271,6 +272,7 @@ fn bench_cold_boot(b: &mut Bench, kvm: &kvm_ioctls::Kvm, cfg: &VmmConfig) {
         vcpus: 1,
         backend,
         extra_cmdline: extra.to_string(),
+        disk: None,
     };
     let what = "cold boot: VM creation to agent ready (hostd)";
     let ready_note = "agent and REPL ready on hostd's channel, what a template build waits for; a QEMU boot has no such channel, so the next row compares the two VMMs";
@@ -462,7 +464,7 @@ fn qemu_boot_to_line(script: &str, cfg: &VmmConfig, extra: &[&str], line: &str, 
 }
 
 fn bench_restore(b: &mut Bench, f: &VmFactory) {
-    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None };
+    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None, rootfs_gb: None };
     let n = b.pick(20, 5);
     let mut restore = Vec::new();
     let mut first = Vec::new();
@@ -520,7 +522,7 @@ fn py_out(g: &dyn Guest, code: &str, what: &str) -> (Duration, String) {
 fn bench_throughput(b: &mut Bench, f: &VmFactory) {
     let kib = b.knob("PODFLARE_BENCH_THROUGHPUT_KIB", 64 << 10, 256);
     let size = if kib.is_multiple_of(1024) { format!("{} MiB", kib >> 10) } else { format!("{kib} KiB") };
-    let g = f.create_running(&GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None }).expect("create");
+    let g = f.create_running(&GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None, rootfs_gb: None }).expect("create");
     py_ok(&g, &format!("import sys\n_b = 'x' * ({kib} << 10)\n"), "prepare");
     let t = Instant::now();
     let (code, bytes) = wait_exit(g.exec(Language::Python, "sys.stdout.write(_b)").expect("exec")).expect("exec");
@@ -544,7 +546,7 @@ fn bench_pool(b: &mut Bench, cfg: &VmmConfig) {
         Ok(f) => f,
         Err(e) => return b.row(what, format!("failed: {e}"), "<= 1 ms", "", 0),
     };
-    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None };
+    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None, rootfs_gb: None };
     let n = b.pick(12, 5);
     let mut times = Vec::new();
     for _ in 0..n {
@@ -573,7 +575,7 @@ fn cpu_seconds() -> f64 {
 
 fn bench_density(b: &mut Bench, f: &VmFactory) {
     let max = b.knob("PODFLARE_BENCH_IDLE_MAX", 1100, 10);
-    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None };
+    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None, rootfs_gb: None };
     let mut live = Vec::new();
     let started = Instant::now();
     let mut refused = None;
@@ -636,7 +638,7 @@ fn host_available_mib() -> f64 {
 /// `PODFLARE_BENCH_IDLE_NEIGHBOURS` (200; quick 10) idle neighbours, and host
 /// memory per idle sandbox including KVM's own.
 fn bench_idle(b: &mut Bench, f: &VmFactory) {
-    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None };
+    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None, rootfs_gb: None };
     let busy = f.create_running(&spec).expect("create");
     let warm = b.pick(20, 8);
     let alone = warm_exec_samples(&busy, warm);

@@ -146,7 +146,11 @@ pub struct Config {
     pub idle_timeout_seconds: Bound,
     /// `PODFLARE_RAM_MIB` / `PODFLARE_MAX_RAM_MIB` (512 / 16384).
     pub ram_mib: Bound,
-    /// `PODFLARE_ROOTFS_GB` / `PODFLARE_MAX_ROOTFS_GB` (4 / 64).
+    /// `PODFLARE_ROOTFS_GB` / `PODFLARE_MAX_ROOTFS_GB` (1 / 16): the
+    /// writable disk. 1 is the template's own size; a larger one is grown
+    /// at create, which on a PVM host costs ~0.6-1.1 s per GB (the guest
+    /// kernel does it, emulated), so the maximum keeps a create inside the
+    /// SDK's 30 s read timeout.
     pub rootfs_gb: Bound,
     /// `PODFLARE_SECCOMP` (default on): every thread kind installs its
     /// seccomp filter ([`crate::seccomp`]); `0` turns them all off.
@@ -177,7 +181,7 @@ impl Default for Config {
             timeout_seconds: Bound { default: 3600, max: 86_400 },
             idle_timeout_seconds: Bound { default: 600, max: 86_400 },
             ram_mib: Bound { default: 512, max: 16_384 },
-            rootfs_gb: Bound { default: 4, max: 64 },
+            rootfs_gb: Bound { default: 1, max: 16 },
             seccomp: true,
         }
     }

@@ -111,7 +111,7 @@ fn py_json(g: &dyn Guest, code: &str) -> Value {
 
 /// A restored sandbox of `template` with the check program at /tmp/vector_check.py.
 fn sandbox(f: &VmFactory, template: &str) -> impl Guest {
-    let g = f.create_running(&GuestSpec { template: template.into(), egress: true, sandbox_id: String::new(), ram_mib: None }).expect("create");
+    let g = f.create_running(&GuestSpec { template: template.into(), egress: true, sandbox_id: String::new(), ram_mib: None, rootfs_gb: None }).expect("create");
     let hex: String = CHECK_PY.bytes().map(|b| format!("{b:02x}")).collect();
     py(&g, &format!("open('/tmp/vector_check.py', 'wb').write(bytes.fromhex('{hex}'))\nNone"));
     py(&g, "import sys\nsys.path.insert(0, '/tmp')\nimport vector_check");

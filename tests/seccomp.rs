@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use podflare_hostd::seccomp::{self, ThreadKind};
 use podflare_hostd::vmm::snapshot::SnapshotMeta;
-use podflare_hostd::vmm::vm::{Vm, VmSpec};
+use podflare_hostd::vmm::vm::{Disks, Vm, VmSpec};
 use podflare_hostd::vmm::{persist, Backend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -255,7 +255,9 @@ fn filtered_workers_and_pool_restore_vms_and_the_reaper_destroys_them() {
         let vm = filtered(kind, || {
             let memory = File::open(dir.join("memory")).expect("open memory read-only");
             let image = File::open(&rootfs).expect("open image read-only");
-            let vm = persist::restore(&kvm, name, image, memory, &snap).expect("restore");
+            // The VM's own disk: an unnamed file filled from the snapshot's.
+            let disk = persist::disk_copy(&dir.join("disk"), &std::env::temp_dir()).expect("copy the disk under the filter");
+            let vm = persist::restore(&kvm, name, Disks { rootfs: image, disk }, memory, &snap).expect("restore");
             vm.pause().expect("pause");
             vm.save_state().expect("save state");
             vm.resume().expect("resume");

@@ -48,7 +48,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn spec(template: &str, id: &str) -> GuestSpec {
-    GuestSpec { template: template.into(), egress: true, sandbox_id: id.into(), ram_mib: None }
+    GuestSpec { template: template.into(), egress: true, sandbox_id: id.into(), ram_mib: None, rootfs_gb: None }
 }
 
 fn create(f: &VmFactory, template: &str) -> RunningGuest {

@@ -49,7 +49,7 @@ fn factory() -> Option<&'static VmFactory> {
 }
 
 fn spec() -> GuestSpec {
-    GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None }
+    GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None, rootfs_gb: None }
 }
 
 struct Output {
@@ -221,6 +221,7 @@ fn two_cold_boots_at_once_both_answer() {
         vcpus: 1,
         backend: Backend::detect(),
         extra_cmdline: String::new(),
+        disk: None,
     };
     let started = Instant::now();
     let a = Vm::boot(&kvm, "cold-a", &spec).expect("boot a");

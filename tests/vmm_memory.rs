@@ -30,7 +30,7 @@ fn factory() -> Option<&'static VmFactory> {
 }
 
 fn spec(id: &str) -> GuestSpec {
-    GuestSpec { template: "default".into(), egress: true, sandbox_id: id.into(), ram_mib: None }
+    GuestSpec { template: "default".into(), egress: true, sandbox_id: id.into(), ram_mib: None, rootfs_gb: None }
 }
 
 /// How long one exec may take: generous, an emulated guest kernel is slow.

@@ -8,7 +8,7 @@ use super::*;
 pub fn bench_fork(b: &mut Bench, f: &VmFactory) {
     let mib = b.knob("PODFLARE_BENCH_FORK_MIB", 100, 2);
     let runs = b.knob("PODFLARE_BENCH_FORK_RUNS", 5, 2);
-    let spec = |id: String| GuestSpec { template: "default".into(), egress: true, sandbox_id: id, ram_mib: None };
+    let spec = |id: String| GuestSpec { template: "default".into(), egress: true, sandbox_id: id, ram_mib: None, rootfs_gb: None };
     let parent = f.create_running(&spec("sbx_bench_parent".into())).expect("create");
     // 1 MiB at a time: one randbytes of the whole would touch twice the
     // memory (an int, then the bytes), and every first touch is a slow

@@ -27,7 +27,7 @@ m.close()
 /// snapshot is already cached: building it is a 4-minute cold boot here).
 pub fn bench_memory(b: &mut Bench, f: &VmFactory, cfg: &VmmConfig) {
     let n = b.pick(5, 2);
-    let spec = |t: &str| GuestSpec { template: t.into(), egress: true, sandbox_id: String::new(), ram_mib: None };
+    let spec = |t: &str| GuestSpec { template: t.into(), egress: true, sandbox_id: String::new(), ram_mib: None, rootfs_gb: None };
     let mut big = Vec::new();
     let mut big_again = Vec::new();
     let mut list = Vec::new();

@@ -12,7 +12,7 @@ use super::{median, ms, py_ok, py_out, Bench};
 pub fn bench_spaces(b: &mut Bench, f: &VmFactory) {
     let n = b.pick(5, 2);
     let mib = b.knob("PODFLARE_BENCH_SPACE_MIB", 100, 100);
-    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: "sbx_bench".into(), ram_mib: None };
+    let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: "sbx_bench".into(), ram_mib: None, rootfs_gb: None };
     let (mut freeze, mut resume, mut disk) = (Vec::new(), Vec::new(), Vec::new());
     let (mut idle_freeze, mut idle_resume) = (Vec::new(), Vec::new());
     // Filled a MiB at a time: `random.randbytes` of it all at once would

@@ -42,6 +42,7 @@ fn main() {
         vcpus: env_u64("PODFLARE_VM_VCPUS", 1).clamp(1, 8) as u8,
         backend,
         extra_cmdline: args[2..].join(" "),
+        disk: None,
     };
     let timeout = Duration::from_secs(env_u64("PODFLARE_BOOT_TIMEOUT_SECS", 900));
     let wait_ready = std::env::var("PODFLARE_VM_WAIT_READY").as_deref() == Ok("1");

@@ -156,6 +156,10 @@ pub struct GuestSpec {
     /// template's own size. The VMM may round it up to a size it builds.
     /// A fork child or a resumed space has its source's, whatever this says.
     pub ram_mib: Option<u64>,
+    /// Writable disk asked for (GB, already within the host's maximum);
+    /// `None`: the template's own (the smallest). Like `ram_mib`, a fork
+    /// child or a resumed space keeps its source's.
+    pub rootfs_gb: Option<u64>,
 }
 
 /// A frozen sandbox on disk, as the sandbox layer lists it.

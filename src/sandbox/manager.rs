@@ -121,7 +121,8 @@ impl Manager {
         // Asked for (at most the host's maximum), else the host's default;
         // the VMM rounds it up to a size it builds.
         let ram_mib = Some(self.cfg.ram_mib.resolve(p.ram_mib));
-        let spec = GuestSpec { template: template.clone(), egress: p.egress, sandbox_id: id.clone(), ram_mib };
+        let rootfs_gb = Some(self.cfg.rootfs_gb.resolve(p.rootfs_gb));
+        let spec = GuestSpec { template: template.clone(), egress: p.egress, sandbox_id: id.clone(), ram_mib, rootfs_gb };
         // Guest creation can take a while (restore); no lock is held.
         let guest = self.factory.create(&spec).map_err(SandboxError::from_guest)?;
         let sb = Arc::new(Sandbox::new(
@@ -171,7 +172,7 @@ impl Manager {
         let ids = (0..n).map(|_| random_hex32().map(|h| format!("sbx_{h}"))).collect::<Result<Vec<_>, _>>()?;
         let specs: Vec<GuestSpec> = ids
             .iter()
-            .map(|c| GuestSpec { template: parent.template().to_string(), egress: parent.egress(), sandbox_id: c.clone(), ram_mib: None })
+            .map(|c| GuestSpec { template: parent.template().to_string(), egress: parent.egress(), sandbox_id: c.clone(), ram_mib: None, rootfs_gb: None })
             .collect();
         let started = Instant::now();
         // No lock is held: the parent runs on, other sandboxes are untouched.
@@ -585,7 +586,7 @@ impl Manager {
     fn resume_inner(&self, space: &str, p: &ResumeParams) -> Result<Arc<Sandbox>, SandboxError> {
         let id = format!("sbx_{}", random_hex32()?);
         // The template comes from the space; the factory fills it in.
-        let spec = GuestSpec { template: String::new(), egress: p.egress, sandbox_id: id.clone(), ram_mib: None };
+        let spec = GuestSpec { template: String::new(), egress: p.egress, sandbox_id: id.clone(), ram_mib: None, rootfs_gb: None };
         let (guest, info) = self.factory.resume_space(space, &spec).map_err(SandboxError::from_guest)?;
         // Like a create: what the request asks, else the host's defaults
         // (not the frozen sandbox's: a short idle limit that froze it

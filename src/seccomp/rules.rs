@@ -114,14 +114,26 @@ fn vm_build(r: &mut Rules) -> Built {
     // The vCPU kick handler, installed by the first VM of the process.
     when(r, libc::SYS_rt_sigaction, 0, Op::Eq, libc::SIGRTMIN() as u64)?;
     device_work(r);
+    disk_copies(r)?;
     files_read_only(r)
+}
+
+/// Each VM's writable disk (vmm/scratch.rs): an unnamed file (O_TMPFILE:
+/// never a named file opened for writing) filled with a copy of another
+/// disk's data extents, found with lseek(SEEK_DATA/SEEK_HOLE), and sized.
+fn disk_copies(r: &mut Rules) -> Built {
+    let tmpfile = libc::O_TMPFILE as u64;
+    when(r, libc::SYS_openat, 2, Op::MaskedEq(tmpfile), tmpfile)?;
+    any(r, &[libc::SYS_copy_file_range, libc::SYS_lseek, libc::SYS_ftruncate, libc::SYS_pwrite64]);
+    Ok(())
 }
 
 /// Device emulation, on the device thread and, for MMIO register writes
 /// (queue notify, activation), on a vCPU thread: eventfds (kicks,
-/// interrupts) and reads of the base image.
+/// interrupts), reads of the disks, writes of the writable one and the
+/// holes its discards punch.
 fn device_work(r: &mut Rules) {
-    any(r, &[libc::SYS_read, libc::SYS_write, libc::SYS_pread64]);
+    any(r, &[libc::SYS_read, libc::SYS_write, libc::SYS_pread64, libc::SYS_pwrite64, libc::SYS_fallocate]);
 }
 
 /// A fork's capture (vmm/memory.rs): a new sealed memfd sized to guest RAM,
@@ -193,6 +205,8 @@ pub fn allowed(kind: ThreadKind) -> Result<Rules, BackendError> {
         // the VM fd) and writes its space.
         ThreadKind::Reaper => {
             files_read_only(&mut r)?;
+            // The disk's data copied into the space.
+            any(&mut r, &[libc::SYS_copy_file_range]);
             when(&mut r, libc::SYS_ioctl, 1, Op::MaskedEq(0xff00), kvm::KVM_IOCTL_TYPE)?;
             space_files(&mut r)?;
         }

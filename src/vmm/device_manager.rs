@@ -4,12 +4,13 @@
 //!
 //! The VM lifecycle (`vm.rs`) never names a device: it hands in the
 //! [`Backends`] (what a device talks to outside the guest: the base image,
-//! the channel's sink, the console log) and gets buses, notifiers and one
+//! the writable disk, the channel's sink, the console log) and gets buses, notifiers and one
 //! state record back. A new device (a network card with its tap backend, a
 //! shared-memory region) is a row in [`LAYOUT`], a variant of
 //! [`DeviceSnapshot`], a field of [`Backends`] and a match arm in `build`.
 
 use std::fs::File;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::scratch::{self, ScratchDisk};
 use super::{memory, VmStatus, VmmError};
 use crate::seccomp::{self, ThreadKind};
 use crate::devices::bus::{Bus, BusDevice};
@@ -48,6 +50,8 @@ pub enum DeviceKind {
     Serial,
     /// Read-only virtio-blk over the template's base image.
     Block,
+    /// Writable virtio-blk over the VM's own disk (`/dev/vdb`).
+    Disk,
     /// Multiport virtio-console carrying the agent channel.
     Console,
 }
@@ -71,7 +75,7 @@ pub struct DeviceSlot {
 
 /// Every VM's devices, in build order. The guest learns the virtio ones
 /// from its command line ([`virtio_mmio_devices`]).
-pub const LAYOUT: [DeviceSlot; 3] = [
+pub const LAYOUT: [DeviceSlot; 4] = [
     DeviceSlot { name: "serial", kind: DeviceKind::Serial, bus: BusKind::Pio, base: 0x3f8, len: 8, gsi: 4 },
     DeviceSlot {
         name: "block",
@@ -89,6 +93,15 @@ pub const LAYOUT: [DeviceSlot; 3] = [
         len: MMIO_LEN,
         gsi: 6,
     },
+    // Probed after the base image, so the guest names it vdb.
+    DeviceSlot {
+        name: "disk",
+        kind: DeviceKind::Disk,
+        bus: BusKind::Mmio,
+        base: memory::MMIO_START + 2 * MMIO_LEN,
+        len: MMIO_LEN,
+        gsi: 7,
+    },
 ];
 
 /// `(window base, GSI)` of every virtio-mmio device, for the command line.
@@ -101,10 +114,20 @@ pub fn virtio_mmio_devices() -> Vec<(u64, u32)> {
 pub struct Backends {
     /// The base image (the very file a snapshot was taken with).
     pub rootfs: File,
+    /// The VM's writable disk and the limit its writes stay under.
+    pub disk: (File, Arc<AtomicU64>),
     /// Where the console delivers guest bytes (the channel).
     pub channel_sink: ConsoleSink,
     /// Where the serial console's output is kept.
     pub console_log: Arc<ConsoleLog>,
+}
+
+impl Backends {
+    /// The backends of a VM with `rootfs` and `disk`.
+    pub fn new(rootfs: File, disk: &ScratchDisk, channel_sink: ConsoleSink, console_log: Arc<ConsoleLog>) -> Result<Backends, VmmError> {
+        let file = disk.device_file().map_err(VmmError::Io)?;
+        Ok(Backends { rootfs, disk: (file, disk.limit_handle()), channel_sink, console_log })
+    }
 }
 
 /// One device's saved state, typed by kind.
@@ -193,8 +216,8 @@ impl DeviceManager {
         backends: Backends,
         saved: Option<&DevicesState>,
     ) -> Result<(DeviceManager, Vec<Notifier>), VmmError> {
-        let Backends { rootfs, channel_sink, console_log } = backends;
-        let (mut rootfs, mut channel_sink) = (Some(rootfs), Some(channel_sink));
+        let Backends { rootfs, disk, channel_sink, console_log } = backends;
+        let (mut rootfs, mut disk, mut channel_sink) = (Some(rootfs), Some(disk), Some(channel_sink));
         let mut live = Vec::with_capacity(LAYOUT.len());
         let mut notifiers = Vec::new();
         let mut console_handle = None;
@@ -214,6 +237,11 @@ impl DeviceManager {
                     let image = rootfs.take().ok_or_else(|| wrong_kind(slot))?;
                     let dev = Box::new(Block::new(image, "podflare-rootfs")?);
                     Live::Virtio(virtio(slot, dev, mem, irq, state)?)
+                }
+                DeviceKind::Disk => {
+                    let (file, limit) = disk.take().ok_or_else(|| wrong_kind(slot))?;
+                    let dev = Block::writable(file, "podflare-disk", scratch::CAPACITY_BYTES)?.sharing_limit(limit);
+                    Live::Virtio(virtio(slot, Box::new(dev), mem, irq, state)?)
                 }
                 DeviceKind::Console => {
                     let sink = channel_sink.take().ok_or_else(|| wrong_kind(slot))?;
@@ -404,7 +432,10 @@ mod tests {
                 }
             }
         }
-        assert_eq!(virtio_mmio_devices().len(), 2);
+        // The base image first, so the guest names it vda and the disk vdb.
+        let mmio: Vec<&str> = LAYOUT.iter().filter(|d| d.bus == BusKind::Mmio).map(|d| d.name).collect();
+        assert_eq!(mmio, ["block", "console", "disk"]);
+        assert_eq!(virtio_mmio_devices().len(), 3);
     }
 
     #[test]

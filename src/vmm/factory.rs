@@ -12,9 +12,10 @@ use kvm_ioctls::Kvm;
 use serde_json::json;
 
 use super::snapshot::SnapshotMeta;
+use super::scratch::{self, ScratchDisk};
 use super::sized::SizedTemplates;
 use super::template::{self, Template};
-use super::vm::Vm;
+use super::vm::{Disks, Vm};
 use super::admission::{self, Admission};
 use super::cache;
 use super::{memory, persist, Backend, VmmConfig, VmmError};
@@ -95,6 +96,9 @@ struct Inner {
     pool: Pool,
     next_vm: AtomicU64,
     spaces: Spaces,
+    /// Where VMs' writable disks are made (unnamed files: nothing is left
+    /// here when a VM ends or hostd is killed).
+    disks_dir: PathBuf,
 }
 
 /// Restores guests from template snapshots.
@@ -124,6 +128,15 @@ impl VmFactory {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "guest kernel not found; run scripts/setup or set PODFLARE_KERNEL"),
             });
         }
+        // The writable disk's empty file system, before any template build
+        // (they copy it), from this unfiltered thread (it runs mkfs.ext4).
+        let pristine = scratch::pristine_image(&cfg.cache_dir, true).map_err(|e| VmmError::File {
+            path: cfg.cache_dir.join("scratch").display().to_string(),
+            source: std::io::Error::new(e.kind(), format!("the writable disk's file system: {e}")),
+        })?;
+        cfg.log.info("writable disk file system", &[("image", json!(pristine.display().to_string()))]);
+        let disks_dir = cfg.cache_dir.join("disks");
+        std::fs::create_dir_all(&disks_dir).map_err(|e| VmmError::File { path: disks_dir.display().to_string(), source: e })?;
         // Templates build in parallel: each cold boot keeps one vCPU busy.
         let built: Vec<Result<Template, VmmError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = cfg
@@ -158,6 +171,7 @@ impl VmFactory {
             pool: Pool { ready: Mutex::new(HashMap::new()), wake: Condvar::new() },
             next_vm: AtomicU64::new(1),
             spaces,
+            disks_dir,
         });
         if inner.cfg.pool_size > 0 {
             let weak = Arc::downgrade(&inner);
@@ -232,11 +246,21 @@ impl Inner {
         let started = Instant::now();
         let memory = t.memory_file.try_clone().map_err(VmmError::Io)?;
         let rootfs = t.rootfs_file.try_clone().map_err(VmmError::Io)?;
+        let disk = self.disk_copy(&t.disk_file)?;
         let n = self.next_vm.fetch_add(1, Ordering::Relaxed);
-        let vm = persist::restore(&self.kvm, &format!("vm{n}"), rootfs, memory, &t.snap)?;
+        let vm = persist::restore(&self.kvm, &format!("vm{n}"), Disks { rootfs, disk }, memory, &t.snap)?;
         vm.status().label(self.cfg.log.clone(), None);
         self.counters.restore_ns_total.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(vm)
+    }
+}
+
+impl Inner {
+    /// A new VM's own copy of `base` (its write limit comes with the device
+    /// state restored over it).
+    fn disk_copy(&self, base: &std::fs::File) -> Result<ScratchDisk, VmmError> {
+        ScratchDisk::copy_of(base, &self.disks_dir, scratch::BASE_FS_BYTES)
+            .map_err(|e| VmmError::File { path: self.disks_dir.display().to_string(), source: e })
     }
 }
 
@@ -334,8 +358,9 @@ impl Guest for RunningGuest {
         }
         let t = &self.template;
         let paused = std::cell::Cell::new(false);
-        let frozen = inner.spaces.freeze(&t.name, t.ram_mib, &t.snap.meta, source_sandbox, sandbox.clone(), |file| {
-            let f = self.vm.freeze_into(file)?;
+        let disk_limit = self.vm.disk().limit();
+        let frozen = inner.spaces.freeze(&t.name, t.ram_mib, &t.snap.meta, source_sandbox, sandbox.clone(), disk_limit, |file, disk| {
+            let f = self.vm.freeze_into(file, disk)?;
             paused.set(true);
             Ok(f)
         });
@@ -600,7 +625,9 @@ impl VmFactory {
             unsafe { memory::map_image(&mem, &image) }?;
             let n = inner.next_vm.fetch_add(1, Ordering::Relaxed);
             let rootfs = t.rootfs_file.try_clone().map_err(VmmError::Io)?;
-            let vm = Vm::restore_space(&inner.kvm, &format!("vm{n}"), rootfs, mem, &loaded.machine, record.next_stream, image)?;
+            let disk = inner.disk_copy(&loaded.disk)?;
+            let disks = Disks { rootfs, disk };
+            let vm = Vm::restore_space(&inner.kvm, &format!("vm{n}"), disks, mem, &loaded.machine, record.next_stream, image)?;
             vm.resume()?;
             Ok::<_, VmmError>((vm, t))
         })();
@@ -683,8 +710,19 @@ impl VmFactory {
         // The guest owns the place now: its drop releases it, whatever happens next.
         let guest = RunningGuest { vm, inner: inner.clone(), template };
         guest.vm.status().label(inner.cfg.log.clone(), Some(spec.sandbox_id.clone()));
-        // Fresh clock and entropy for this copy, queued ahead of any exec.
-        guest.vm.channel().send_hello().map_err(|e| GuestError::Failed(e.to_string()))?;
+        // The disk it asked for: the device lets it write that far, and the
+        // agent grows the file system before it answers its Hello.
+        let disk_bytes = spec.rootfs_gb.map(scratch::disk_bytes_for).filter(|b| *b > guest.vm.disk().limit());
+        if let Some(bytes) = disk_bytes {
+            guest.vm.disk().set_limit(bytes);
+        }
+        // Fresh clock and entropy for this copy, queued ahead of any exec
+        // (after the disk is grown, when it is).
+        guest
+            .vm
+            .channel()
+            .send_hello_growing(disk_bytes, inner.cfg.boot_timeout)
+            .map_err(|e| GuestError::Failed(e.to_string()))?;
         inner.counters.created.fetch_add(1, Ordering::Relaxed);
         Ok(guest)
     }

@@ -25,6 +25,7 @@ pub mod space;
 pub mod state;
 pub mod factory;
 pub mod persist;
+pub mod scratch;
 pub mod template;
 pub mod threads;
 pub mod vcpu;

@@ -1,8 +1,9 @@
 //! Persist: save a running VM into a snapshot directory, and restore VMs
 //! from one. Templates, fork children and (later) spaces all go through here.
 //!
-//! A snapshot directory holds `state` (see [`super::snapshot`]) and `memory`
-//! (guest RAM as a sparse file). It is written under a temporary name and
+//! A snapshot directory holds `state` (see [`super::snapshot`]), `memory`
+//! (guest RAM as a sparse file) and `disk` (the writable disk at the same
+//! instant, sparse; see [`super::scratch`]). It is written under a temporary name and
 //! renamed into place, so a reader sees all of it or nothing.
 
 use std::fs::File;
@@ -10,8 +11,9 @@ use std::path::Path;
 
 use kvm_ioctls::Kvm;
 
+use super::scratch::{self, ScratchDisk};
 use super::snapshot::{self, SnapshotFile, SnapshotMeta};
-use super::vm::{self, Vm};
+use super::vm::{self, Disks, Vm};
 use super::{memory, VmmError};
 
 /// Pauses `vm`, writes its snapshot (state + sparse memory) to `dir`
@@ -24,6 +26,17 @@ pub fn save_vm(vm: &Vm, dir: &Path, mut meta: SnapshotMeta) -> Result<SnapshotFi
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| VmmError::File { path: tmp.display().to_string(), source: e })?;
     memory::write_sparse(vm.memory(), &tmp.join("memory"))?;
+    // Paused, so the device thread has nothing to serve: the disk is the
+    // one the memory just written saw.
+    let disk_path = tmp.join("disk");
+    let disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&disk_path)
+        .and_then(|f| vm.disk().write_into(&f))
+        .map_err(|e| VmmError::File { path: disk_path.display().to_string(), source: e });
+    disk?;
     meta.taken_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -40,21 +53,34 @@ pub fn save_vm(vm: &Vm, dir: &Path, mut meta: SnapshotMeta) -> Result<SnapshotFi
 }
 
 /// Restores a VM from a snapshot directory written by [`save_vm`] and
-/// resumes it. The memory file is mapped private: nothing is copied.
+/// resumes it. The memory file is mapped private: nothing is copied; the
+/// disk is copied (its data only) into an unnamed file beside the snapshot.
 pub fn restore_vm_from(kvm: &Kvm, name: &str, rootfs: &Path, dir: &Path, expect: &SnapshotMeta) -> Result<Vm, VmmError> {
     let snap = snapshot::read_state(&dir.join("state"), expect)?;
     let path = dir.join("memory");
     let file = File::open(&path).map_err(|e| VmmError::File { path: path.display().to_string(), source: e })?;
-    restore(kvm, name, vm::open_rootfs(rootfs)?, file, &snap)
+    let disk = disk_copy(&dir.join("disk"), dir.parent().unwrap_or(dir))?;
+    restore(kvm, name, Disks { rootfs: vm::open_rootfs(rootfs)?, disk }, file, &snap)
+}
+
+/// A VM's own copy of the disk file at `path`, as an unnamed file in `dir`.
+/// Its write limit comes from the device state restored with it.
+pub fn disk_copy(path: &Path, dir: &Path) -> Result<ScratchDisk, VmmError> {
+    let err = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| VmmError::File { path: p, source }
+    };
+    let base = File::open(path).map_err(err(path))?;
+    ScratchDisk::copy_of(&base, dir, scratch::BASE_FS_BYTES).map_err(err(dir))
 }
 
 /// Restores one VM from `snap` with `memory` (the snapshot's memory file,
 /// mapped `MAP_PRIVATE`: pages stay shared until the guest writes them) and
-/// `rootfs` (the very image the snapshot was taken with), and resumes it.
-/// Every create, fork child and resumed space comes through here.
-pub fn restore(kvm: &Kvm, name: &str, rootfs: File, memory: File, snap: &SnapshotFile) -> Result<Vm, VmmError> {
+/// `disks` (the very base image the snapshot was taken with, a copy of its
+/// writable disk), and resumes it. Every create comes through here.
+pub fn restore(kvm: &Kvm, name: &str, disks: Disks, memory: File, snap: &SnapshotFile) -> Result<Vm, VmmError> {
     let mem = memory::private_file_mapping(memory, snap.meta.ram_bytes)?;
-    let vm = Vm::restore(kvm, name, rootfs, mem, &snap.machine)?;
+    let vm = Vm::restore(kvm, name, disks, mem, &snap.machine)?;
     vm.resume()?;
     Ok(vm)
 }
@@ -72,6 +98,7 @@ pub fn restore_fork_child(
     template_memory: File,
     source: &vm::ForkSource,
 ) -> Result<Vm, VmmError> {
+    let disk = source.disk.copy().map_err(|e| VmmError::Guest(format!("copying the fork's disk: {e}")))?;
     let mem = memory::private_file_mapping(template_memory, source.ram_bytes)?;
     for (run, k) in &source.plan {
         let layer = source.layers.get(*k).ok_or_else(|| memory::MemoryError::Map(format!("fork plan names layer {k} of {}", source.layers.len())))?;
@@ -79,5 +106,5 @@ pub fn restore_fork_child(
         // references.
         unsafe { memory::map_image_runs(&mem, layer, std::slice::from_ref(run)) }?;
     }
-    Vm::restore_fork_child(kvm, name, rootfs, mem, source)
+    Vm::restore_fork_child(kvm, name, Disks { rootfs, disk }, mem, source)
 }

@@ -3,13 +3,14 @@
 //! A space is a directory `$PODFLARE_CACHE/spaces/<id>/` holding `memory`
 //! (guest RAM as large as the VM's, holding only the VM's own pages at
 //! their guest offsets, holes elsewhere: every other page is the
-//! template's) and `state` (framed and checksummed like a snapshot's: the
-//! space's record, the template snapshot's identity, vCPU/VM/device state).
+//! template's), `disk` (its writable disk, sparse) and `state` (framed and
+//! checksummed like a snapshot's: the space's record, the template
+//! snapshot's identity, vCPU/VM/device state).
 //! It is written under `<id>.tmp<pid>`, both files fsynced, renamed into
 //! place and the directory fsynced, so a listed space is whole; a `.tmp`
 //! left by a killed run is removed at the next start. The record carries
-//! the CRC-32 of the memory runs: a resume reads them back and refuses a
-//! space whose bytes changed.
+//! the CRC-32 of the memory runs and of the disk's data: a resume reads
+//! them back and refuses a space whose bytes changed.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -88,6 +89,11 @@ pub struct SpaceRecord {
     pub data_bytes: u64,
     /// CRC-32 of the runs' bytes in `memory`, in run order.
     pub memory_crc32: u32,
+    /// CRC-32 of `disk` ([`super::scratch::checksum`]).
+    pub disk_crc32: u32,
+    /// The size its disk's file system was grown to (the device's write
+    /// limit), for the listing; the device state carries it too.
+    pub disk_bytes: u64,
     /// The channel's next stream number.
     pub next_stream: u32,
     /// The sandbox layer's own record (limits, flags, terminal sessions).
@@ -129,6 +135,8 @@ pub struct Loaded {
     pub machine: MachineState,
     /// `memory`, open read-only.
     pub memory: File,
+    /// `disk`, open read-only (a resume copies it).
+    pub disk: File,
 }
 
 struct Entry {
@@ -212,6 +220,7 @@ impl Spaces {
                     "id": e.record.id,
                     "template": e.record.template,
                     "ram_mib": e.record.ram_mib,
+                    "disk_bytes": e.record.disk_bytes,
                     "bytes_on_disk": e.bytes_on_disk,
                     "created_unix": e.record.created_unix,
                     "source_sandbox": e.record.source_sandbox,
@@ -225,10 +234,11 @@ impl Spaces {
         self.index().values().map(|e| e.bytes_on_disk).sum()
     }
 
-    /// Freezes a VM into a new space: `freeze` writes the VM's pages into
-    /// the file it is given and returns the rest (the VM paused); this makes
-    /// both files durable and lists the space. On an error nothing is left
+    /// Freezes a VM into a new space: `freeze` writes the VM's pages and
+    /// its disk into the two files it is given and returns the rest (the VM
+    /// paused); this makes the files durable and lists the space. On an error nothing is left
     /// on disk and nothing is listed (the caller lets the VM run on).
+    #[allow(clippy::too_many_arguments)]
     pub fn freeze(
         &self,
         template: &str,
@@ -236,7 +246,8 @@ impl Spaces {
         meta: &SnapshotMeta,
         source_sandbox: &str,
         sandbox: Value,
-        freeze: impl FnOnce(File) -> Result<Frozen, super::VmmError>,
+        disk_size: u64,
+        freeze: impl FnOnce(File, &File) -> Result<Frozen, super::VmmError>,
     ) -> Result<(SpaceRecord, std::time::Duration, u64), super::VmmError> {
         let id = format!("spc_{}", random_hex32().map_err(super::VmmError::Io)?);
         let tmp = self.dir.join(format!("{id}.tmp{}", std::process::id()));
@@ -249,7 +260,11 @@ impl Spaces {
                 .create_new(true)
                 .open(&mem_path)
                 .map_err(io_err(&mem_path))?;
-            let frozen = freeze(file.try_clone().map_err(io_err(&mem_path))?).map_err(|e| SpaceError::Io {
+            let disk_path = tmp.join("disk");
+            let disk =
+                std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&disk_path).map_err(io_err(&disk_path))?;
+            // The disk is written and fsynced by the VM while it is paused.
+            let frozen = freeze(file.try_clone().map_err(io_err(&mem_path))?, &disk).map_err(|e| SpaceError::Io {
                 path: mem_path.display().to_string(),
                 source: std::io::Error::other(e.to_string()),
             })?;
@@ -265,6 +280,8 @@ impl Spaces {
                 runs: frozen.runs.clone(),
                 data_bytes: frozen.data_bytes,
                 memory_crc32: crc,
+                disk_crc32: frozen.disk_crc32,
+                disk_bytes: disk_size,
                 next_stream: frozen.next_stream,
                 sandbox,
             };
@@ -335,7 +352,17 @@ impl Spaces {
             if crc != st.record.memory_crc32 {
                 return bad("its memory file does not match its checksum".into());
             }
-            Ok(Loaded { record: st.record, machine: st.machine, memory })
+            let path = dir.join("disk");
+            let disk = File::open(&path).map_err(|e| Gone(format!("{}: {e}", path.display())))?;
+            let len = disk.metadata().map_err(|e| Gone(format!("{}: {e}", path.display())))?.len();
+            if len != super::scratch::CAPACITY_BYTES {
+                return bad(format!("its disk file is {len} bytes, the device has {}", super::scratch::CAPACITY_BYTES));
+            }
+            let crc = super::scratch::checksum(&disk).map_err(|e| Gone(format!("{}: {e}", path.display())))?;
+            if crc != st.record.disk_crc32 {
+                return bad("its disk file does not match its checksum".into());
+            }
+            Ok(Loaded { record: st.record, machine: st.machine, memory, disk })
         })();
         checked.map_err(|e| match e {
             Later(why) => {
@@ -404,6 +431,11 @@ fn read_state(dir: &Path, id: &str) -> Result<SpaceState, SnapshotError> {
     let mem_len = std::fs::metadata(&mem).map_err(|source| SnapshotError::Io { path: mem.display().to_string(), source })?.len();
     if mem_len != st.meta.ram_bytes {
         return Err(SnapshotError::NotASnapshot(format!("{} ({mem_len} bytes, want {})", mem.display(), st.meta.ram_bytes)));
+    }
+    let disk = dir.join("disk");
+    let disk_len = std::fs::metadata(&disk).map_err(|source| SnapshotError::Io { path: disk.display().to_string(), source })?.len();
+    if disk_len != super::scratch::CAPACITY_BYTES {
+        return Err(SnapshotError::NotASnapshot(format!("{} ({disk_len} bytes, want {})", disk.display(), super::scratch::CAPACITY_BYTES)));
     }
     Ok(st)
 }

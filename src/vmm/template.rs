@@ -10,6 +10,7 @@ use kvm_ioctls::Kvm;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::scratch;
 use super::snapshot::{self, SnapshotFile, SnapshotMeta};
 use super::vm::{self, Vm, VmSpec};
 use super::{persist, Backend, VmmConfig, VmmError};
@@ -50,6 +51,9 @@ pub struct Template {
     /// The snapshot's memory file, held open for the same reason: restores
     /// keep working if a newer snapshot replaces this one on disk.
     pub memory_file: File,
+    /// The snapshot's writable disk (each sandbox gets a copy), held open
+    /// likewise.
+    pub disk_file: File,
     /// Its snapshot's state and metadata.
     pub snap: SnapshotFile,
 }
@@ -65,10 +69,12 @@ fn file_identity(path: &Path) -> Result<String, VmmError> {
 
 /// How a template is built up to its snapshot; a new value rebuilds every
 /// cached template. 2: the guest settles (its vCPUs quiet) before the
-/// snapshot.
-const BUILD_REVISION: u32 = 2;
+/// snapshot. 3: the writable disk (its file system's identity is in the key
+/// too).
+const BUILD_REVISION: u32 = 3;
 
-fn snapshot_key(cfg: &VmmConfig, backend: Backend, name: &str, kernel_id: &str, rootfs_id: &str) -> String {
+#[allow(clippy::too_many_arguments)]
+fn snapshot_key(cfg: &VmmConfig, backend: Backend, name: &str, kernel_id: &str, rootfs_id: &str, disk_id: &str) -> String {
     let mut h = Sha256::new();
     for part in [
         &snapshot::FORMAT_VERSION.to_string(),
@@ -78,6 +84,8 @@ fn snapshot_key(cfg: &VmmConfig, backend: Backend, name: &str, kernel_id: &str, 
         name,
         kernel_id,
         rootfs_id,
+        disk_id,
+        &scratch::CAPACITY_BYTES.to_string(),
         &cfg.guest_ram_mib.to_string(),
         &cfg.guest_vcpus.to_string(),
         warmup_code(name),
@@ -142,7 +150,12 @@ fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name
     let rootfs_file = vm::open_rootfs(&rootfs)?;
     let kernel_id = file_identity(&cfg.kernel)?;
     let rootfs_id = file_identity(&rootfs)?;
-    let key = snapshot_key(cfg, backend, name, &kernel_id, &rootfs_id);
+    let pristine = scratch::pristine_image(&cfg.cache_dir, false).map_err(|e| VmmError::File {
+        path: cfg.cache_dir.join("scratch").display().to_string(),
+        source: std::io::Error::new(e.kind(), format!("the writable disk's file system: {e}")),
+    })?;
+    let disk_id = file_identity(&pristine)?;
+    let key = snapshot_key(cfg, backend, name, &kernel_id, &rootfs_id, &disk_id);
     let dir = cfg.cache_dir.join("snapshots").join(dir_name).join(&key);
     let expect = SnapshotMeta {
         backend,
@@ -154,21 +167,25 @@ fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name
     };
     let state_path = dir.join("state");
     let memory_path = dir.join("memory");
+    let disk_path = dir.join("disk");
     // Several processes (hostd, test binaries) may start at once: one builds,
     // the others wait here and then find the snapshot ready.
     let _lock = lock_dir(dir.parent().unwrap_or(&cfg.cache_dir))?;
     if state_path.exists() {
         match snapshot::read_state(&state_path, &expect) {
-            Ok(snap) if memory_path.metadata().map(|m| m.len()).ok() == Some(expect.ram_bytes) => {
+            Ok(snap)
+                if memory_path.metadata().map(|m| m.len()).ok() == Some(expect.ram_bytes)
+                    && disk_path.metadata().map(|m| m.len()).ok() == Some(scratch::CAPACITY_BYTES) =>
+            {
                 cfg.log.info(
                     "template snapshot found",
                     &[("template", json!(name)), ("ram_mib", json!(cfg.guest_ram_mib)), ("dir", json!(dir.display().to_string()))],
                 );
-                let memory_file = open_file(&memory_path)?;
-                return Ok(Some(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, snap }));
+                let (memory_file, disk_file) = (open_file(&memory_path)?, open_file(&disk_path)?);
+                return Ok(Some(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, disk_file, snap }));
             }
             Ok(_) => cfg.log.warn(
-                "template snapshot memory file is missing or the wrong size; rebuilding",
+                "template snapshot memory or disk file is missing or the wrong size; rebuilding",
                 &[("template", json!(name))],
             ),
             Err(e) => cfg.log.warn(
@@ -180,10 +197,10 @@ fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name
     if !build {
         return Ok(None);
     }
-    let snap = build_snapshot(kvm, cfg, backend, name, &rootfs, &dir, expect)?;
-    let memory_file = open_file(&memory_path)?;
+    let snap = build_snapshot(kvm, cfg, backend, name, (&rootfs, &pristine), &dir, expect)?;
+    let (memory_file, disk_file) = (open_file(&memory_path)?, open_file(&disk_path)?);
     remove_stale_snapshots(&cfg.log, &dir);
-    Ok(Some(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, snap }))
+    Ok(Some(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, disk_file, snap }))
 }
 
 fn open_file(path: &Path) -> Result<File, VmmError> {
@@ -274,7 +291,7 @@ pub fn build_snapshot(
     cfg: &VmmConfig,
     backend: Backend,
     name: &str,
-    rootfs: &Path,
+    (rootfs, disk): (&Path, &Path),
     dir: &Path,
     meta: SnapshotMeta,
 ) -> Result<SnapshotFile, VmmError> {
@@ -290,6 +307,7 @@ pub fn build_snapshot(
         vcpus: cfg.guest_vcpus,
         backend,
         extra_cmdline: String::new(),
+        disk: Some(disk.to_path_buf()),
     };
     let vm = Vm::boot(kvm, &format!("tmpl-{name}"), &spec)?;
     vm.status().label(cfg.log.clone(), None);

@@ -21,6 +21,7 @@ use super::boot;
 use super::channel::{Channel, ChannelSeed};
 use super::device_manager::{self, Backends, BusKind, DeviceManager, DevicesState, Notifier};
 use super::memory;
+use super::scratch::{self, ScratchDisk};
 use super::state::{msrs_to_save, VcpuState, VmState};
 use super::vcpu::{VcpuCommand, VcpuContext, VcpuHandle, VcpuReply};
 use super::{Backend, VmStatus, VmmError};
@@ -58,6 +59,20 @@ pub struct VmSpec {
     pub backend: Backend,
     /// Appended to the kernel command line.
     pub extra_cmdline: String,
+    /// The file system the writable disk starts as (copied; the template
+    /// build's is the empty one [`scratch::pristine_image`] makes). None: an
+    /// empty disk, and the guest writes into RAM.
+    pub disk: Option<PathBuf>,
+}
+
+/// The disks a VM is given: the shared read-only base image and its own
+/// writable disk.
+pub struct Disks {
+    /// The base image (the very file a snapshot was taken with: its cached
+    /// blocks live in guest memory).
+    pub rootfs: File,
+    /// The VM's own writable disk, as it was when its memory was saved.
+    pub disk: ScratchDisk,
 }
 
 /// Full saved state of a VM except its memory.
@@ -81,6 +96,9 @@ pub struct Frozen {
     pub runs: Vec<memory::PageRun>,
     /// Non-zero bytes written.
     pub data_bytes: u64,
+    /// Checksum of the writable disk written beside it
+    /// ([`scratch::checksum`]).
+    pub disk_crc32: u32,
     /// How long the vCPUs have been stopped when this returns.
     pub paused: Duration,
 }
@@ -91,6 +109,8 @@ pub struct ForkSource {
     pub machine: MachineState,
     /// Where each child's channel starts.
     pub channel: ChannelSeed,
+    /// The parent's writable disk at the capture; each child gets a copy.
+    pub disk: ScratchDisk,
     /// The image layers, in order, a child maps over the template (the last
     /// one new with this fork, unless the parent wrote nothing since its
     /// previous fork).
@@ -120,6 +140,8 @@ pub struct Vm {
     channel: Channel,
     status: Arc<VmStatus>,
     console_log: Arc<ConsoleLog>,
+    /// Its writable disk (the device writes through its own descriptor).
+    disk: ScratchDisk,
     /// The fork image layers mapped over the template file, in order
     /// (empty until this VM forks or, for a fork child, its parent's).
     /// Holding them keeps their files open for the next fork's children.
@@ -194,6 +216,15 @@ impl Vm {
         load: impl FnOnce(&GuestMemory) -> Result<vm_memory::GuestAddress, boot::BootError>,
     ) -> Result<Vm, VmmError> {
         let rootfs = open_rootfs(&spec.rootfs)?;
+        let disk = match &spec.disk {
+            Some(base) => {
+                let dir = base.parent().unwrap_or(Path::new("/"));
+                let file = File::open(base).map_err(|e| VmmError::File { path: base.display().to_string(), source: e })?;
+                ScratchDisk::copy_of(&file, dir, scratch::BASE_FS_BYTES)
+                    .map_err(|e| VmmError::File { path: dir.display().to_string(), source: e })?
+            }
+            None => ScratchDisk::empty(&std::env::temp_dir()).map_err(VmmError::Io)?,
+        };
         if spec.vcpus == 0 {
             return Err(VmmError::Config("at least one vCPU is needed".into()));
         }
@@ -202,7 +233,7 @@ impl Vm {
         let entry = load(&mem)?;
         let channel = Channel::new();
         let log = ConsoleLog::new(CONSOLE_LOG_BYTES);
-        let backends = Backends { rootfs, channel_sink: channel.sink(), console_log: log.clone() };
+        let backends = Backends::new(rootfs, &disk, channel.sink(), log.clone())?;
         let (devices, notifiers) = DeviceManager::build(&vm_fd, &mem, backends, None)?;
         let supported = boot::supported_msrs(kvm)?;
         let mut fds = Vec::new();
@@ -217,24 +248,25 @@ impl Vm {
             boot::setup_lapic(&fd)?;
             fds.push(fd);
         }
-        let vm = Vm::start_paused(name, vm_fd, mem, devices, notifiers, channel, log, fds, msrs_to_save(&supported))?;
+        let vm = Vm::start_paused(name, vm_fd, mem, (devices, notifiers), channel, log, disk, fds, msrs_to_save(&supported))?;
         vm.resume()?;
         Ok(vm)
     }
 
     /// Restores a VM from saved state and a memory object (usually a private
-    /// mapping of a snapshot's memory file). `rootfs` must be the very image
-    /// the snapshot was taken with (its cached blocks live in guest memory),
-    /// so callers pass an open file rather than a path that may be rebuilt.
+    /// mapping of a snapshot's memory file). `disks.rootfs` must be the very
+    /// image the snapshot was taken with (its cached blocks live in guest
+    /// memory), so callers pass an open file rather than a path that may be
+    /// rebuilt; `disks.disk` a copy of the writable disk saved with it.
     /// The VM starts paused; call [`Vm::resume`].
     pub fn restore(
         kvm: &Kvm,
         name: &str,
-        rootfs: File,
+        disks: Disks,
         mem: GuestMemory,
         state: &MachineState,
     ) -> Result<Vm, VmmError> {
-        Vm::restore_with(kvm, name, rootfs, mem, state, Channel::new())
+        Vm::restore_with(kvm, name, disks, mem, state, Channel::new())
     }
 
     /// Restores a fork child: `mem` is the template mapping with the
@@ -243,11 +275,11 @@ impl Vm {
     pub fn restore_fork_child(
         kvm: &Kvm,
         name: &str,
-        rootfs: File,
+        disks: Disks,
         mem: GuestMemory,
         source: &ForkSource,
     ) -> Result<Vm, VmmError> {
-        let vm = Vm::restore_with(kvm, name, rootfs, mem, &source.machine, Channel::start_from(&source.channel))?;
+        let vm = Vm::restore_with(kvm, name, disks, mem, &source.machine, Channel::start_from(&source.channel))?;
         *vm.overlay.lock().unwrap_or_else(PoisonError::into_inner) = source.layers.clone();
         Ok(vm)
     }
@@ -259,14 +291,14 @@ impl Vm {
     pub fn restore_space(
         kvm: &Kvm,
         name: &str,
-        rootfs: File,
+        disks: Disks,
         mem: GuestMemory,
         machine: &MachineState,
         next_stream: u32,
         image: Arc<memory::ForkImage>,
     ) -> Result<Vm, VmmError> {
         let channel = Channel::start_from(&ChannelSeed::at_stream(next_stream));
-        let vm = Vm::restore_with(kvm, name, rootfs, mem, machine, channel)?;
+        let vm = Vm::restore_with(kvm, name, disks, mem, machine, channel)?;
         *vm.overlay.lock().unwrap_or_else(PoisonError::into_inner) = vec![image];
         Ok(vm)
     }
@@ -274,7 +306,7 @@ impl Vm {
     fn restore_with(
         kvm: &Kvm,
         name: &str,
-        rootfs: File,
+        disks: Disks,
         mem: GuestMemory,
         state: &MachineState,
         channel: Channel,
@@ -283,7 +315,8 @@ impl Vm {
         let age_ns = state.vm.age_ns();
         state.vm.restore(&vm_fd, age_ns)?;
         let log = ConsoleLog::new(CONSOLE_LOG_BYTES);
-        let backends = Backends { rootfs, channel_sink: channel.sink(), console_log: log.clone() };
+        let Disks { rootfs, disk } = disks;
+        let backends = Backends::new(rootfs, &disk, channel.sink(), log.clone())?;
         let (devices, notifiers) = DeviceManager::build(&vm_fd, &mem, backends, Some(&state.devices))?;
         let supported = boot::supported_msrs(kvm)?;
         let mut fds = Vec::new();
@@ -292,7 +325,7 @@ impl Vm {
             vs.restore(&fd, age_ns)?;
             fds.push(fd);
         }
-        Vm::start_paused(name, vm_fd, mem, devices, notifiers, channel, log, fds, msrs_to_save(&supported))
+        Vm::start_paused(name, vm_fd, mem, (devices, notifiers), channel, log, disk, fds, msrs_to_save(&supported))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -300,10 +333,10 @@ impl Vm {
         name: &str,
         vm_fd: VmFd,
         mem: GuestMemory,
-        devices: DeviceManager,
-        notifiers: Vec<Notifier>,
+        (devices, notifiers): (DeviceManager, Vec<Notifier>),
         channel: Channel,
         log: Arc<ConsoleLog>,
+        disk: ScratchDisk,
         fds: Vec<kvm_ioctls::VcpuFd>,
         msr_indices: Vec<u32>,
     ) -> Result<Vm, VmmError> {
@@ -334,6 +367,7 @@ impl Vm {
             channel,
             status,
             console_log: log,
+            disk,
             overlay: Mutex::new(Vec::new()),
             forking: Mutex::new(()),
             vm_fd: Arc::new(vm_fd),
@@ -414,6 +448,11 @@ impl Vm {
         // Pages already in a layer count as the VM's own only when folding.
         let below: Vec<memory::PageRun> =
             if fold { overlay.iter().flat_map(|l| l.runs.iter().copied()).collect() } else { Vec::new() };
+        // The device thread is held from here to the end, so the disk
+        // copied now is the disk at the pause below: no request is served
+        // in between (ones the guest queues meanwhile are in the saved
+        // queues, and the children serve them).
+        let disk = self.disk.copy().map_err(|e| VmmError::Guest(format!("copying the writable disk: {e}")))?;
         let mut image = memory::ImageBuilder::new(&self.mem)?;
         let logging = memory::set_dirty_log(&self.vm_fd, &self.mem, true).is_ok();
         let mut copied = None;
@@ -477,6 +516,7 @@ impl Vm {
         Ok(ForkSource {
             machine,
             channel,
+            disk,
             layers,
             plan,
             copied_bytes,
@@ -494,7 +534,7 @@ impl Vm {
     /// paused: the caller makes the file durable, then drops the VM; on an
     /// error it runs on. A guest frame half received (the guest was
     /// mid-send) refuses the freeze: a later try finds it whole.
-    pub fn freeze_into(&self, file: File) -> Result<Frozen, VmmError> {
+    pub fn freeze_into(&self, file: File, disk_file: &File) -> Result<Frozen, VmmError> {
         let _one_capture = self.forking.lock().unwrap_or_else(PoisonError::into_inner);
         let _devices_still = self.devices.hold();
         let overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
@@ -514,7 +554,9 @@ impl Vm {
             // so nothing writes guest RAM now.
             unsafe { image.copy(&self.mem, &memory::pages_of(&runs, own.len()), memory::Zeros::Skip) }?;
             let machine = self.save_state()?;
-            Ok::<_, VmmError>(Frozen { machine, next_stream, runs, data_bytes: image.data_bytes(), paused: Duration::ZERO })
+            let disk_crc32 =
+                self.disk.write_into(disk_file).map_err(|e| VmmError::Guest(format!("writing the disk into the space: {e}")))?;
+            Ok::<_, VmmError>(Frozen { machine, next_stream, runs, data_bytes: image.data_bytes(), disk_crc32, paused: Duration::ZERO })
         })();
         match frozen {
             Ok(f) => Ok(Frozen { paused: paused_at.elapsed(), ..f }),
@@ -529,6 +571,11 @@ impl Vm {
     /// host while it runs (on PVM, mostly its emulated kernel).
     pub fn vcpus_cpu_time(&self) -> Duration {
         self.vcpus.iter().filter_map(VcpuHandle::cpu_time).sum()
+    }
+
+    /// The writable disk.
+    pub fn disk(&self) -> &ScratchDisk {
+        &self.disk
     }
 
     /// Guest memory.

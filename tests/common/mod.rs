@@ -81,5 +81,6 @@ pub fn tiny_spec(rootfs: &std::path::Path) -> podflare_hostd::vmm::vm::VmSpec {
         vcpus: 1,
         backend: podflare_hostd::vmm::Backend::detect(),
         extra_cmdline: String::new(),
+        disk: None,
     }
 }

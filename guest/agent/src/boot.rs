@@ -1,22 +1,77 @@
 //! Early boot: pseudo file systems and the copy-on-write root.
 //!
 //! The kernel mounts the shared base image (ext4 on /dev/vda) read-only as
-//! `/`. Each sandbox writes into an overlay whose upper layer is a tmpfs, so
-//! the whole sandbox state lives in guest RAM and a memory snapshot holds all
-//! of it (fork and restore need no disk copy).
+//! `/`. Each sandbox writes into an overlay whose upper layer is the ext4 on
+//! its own writable disk (/dev/vdb: hostd gives every sandbox a copy of its
+//! template's, and a fork or freeze takes it along with the memory), so files
+//! need not fit in RAM. A guest without a file system on /dev/vdb (a debugging
+//! boot) uses a tmpfs instead.
 
 use crate::sys::{self, mkdir, mount};
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::OnceLock;
 
-/// Directory in the image where the tmpfs holding the overlay's upper layer is
-/// mounted; after the switch it is where the old root is parked and dropped.
+/// Directory in the image where the file system holding the overlay's upper
+/// layer is mounted; after the switch it is where the old root is parked and
+/// dropped.
 const STATE: &str = "/mnt/overlay-root";
+
+/// The writable disk.
+const DISK: &str = "/dev/vdb";
+
+/// The upper layer's file system when it is the disk: what a Hello asking
+/// for a size grows (the mount itself is gone from every namespace).
+static DISK_FS: OnceLock<OwnedFd> = OnceLock::new();
+
+/// `EXT4_IOC_RESIZE_FS`: `_IOW('f', 16, __u64)`, the new size in blocks.
+const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+
+/// Block size the host makes the disk's file system with.
+const DISK_BLOCK_BYTES: u64 = 4096;
 
 const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
 
+/// Mounts the upper layer's file system: the disk's ext4 (no atime updates:
+/// each is emulated kernel work and a block write; `noinit_itable`: its
+/// inode tables are holes the host reads as zeros, nothing to initialise),
+/// else a tmpfs.
+fn mount_upper() -> io::Result<()> {
+    match mount(DISK, STATE, "ext4", libc::MS_NOATIME, "noinit_itable") {
+        Ok(()) => {
+            if let Ok(fd) = sys::open(STATE, libc::O_RDONLY | libc::O_DIRECTORY) {
+                let _ = DISK_FS.set(fd);
+            }
+            Ok(())
+        }
+        Err(_) => mount("tmpfs", STATE, "tmpfs", 0, "mode=0755"),
+    }
+}
+
+/// Grows the disk's file system to `bytes` (whole blocks) while it is in
+/// use. Asking for its current size or less changes nothing.
+pub fn grow_disk(bytes: u64) -> io::Result<()> {
+    let fd = DISK_FS
+        .get()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no disk file system mounted"))?;
+    let blocks: u64 = bytes / DISK_BLOCK_BYTES;
+    // SAFETY: `fd` is an open descriptor of a directory on the ext4; the
+    // ioctl reads one u64 through the pointer, which outlives the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), EXT4_IOC_RESIZE_FS, &blocks as *const u64) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        // EINVAL: not larger than it is (ext4 never shrinks online).
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Builds the overlay root and switches into it.
 pub fn overlay_root() -> io::Result<()> {
-    mount("tmpfs", STATE, "tmpfs", 0, "mode=0755")?;
+    mount_upper()?;
     for d in ["upper", "work", "root"] {
         mkdir(&format!("{STATE}/{d}"), 0o755)?;
     }

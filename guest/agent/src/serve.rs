@@ -36,6 +36,7 @@ pub enum Action {
     Hello {
         wall_clock_ns: u64,
         entropy: Vec<u8>,
+        disk_bytes: Option<u64>,
     },
     /// Start a bash exec.
     Exec {
@@ -74,6 +75,7 @@ pub fn classify(f: InFrame) -> Action {
             Action::Hello {
                 wall_clock_ns: hello.wall_clock_ns,
                 entropy,
+                disk_bytes: hello.disk_bytes,
             }
         }
         Kind::Exec => match serde_json::from_slice::<ExecArgs>(&f.payload) {
@@ -201,11 +203,21 @@ impl Server {
             Action::Hello {
                 wall_clock_ns,
                 entropy,
+                disk_bytes,
             } => {
-                if wall_clock_ns > 0 && self.set_clock {
-                    if sys::clock_needs_setting(sys::realtime_ns(), wall_clock_ns) {
-                        let _ = sys::set_realtime(wall_clock_ns);
+                // Before Ready: the host sends the REPL's Hello, and so any
+                // user code, only after this one is answered when it asks
+                // for a size.
+                if let Some(bytes) = disk_bytes {
+                    if let Err(e) = crate::boot::grow_disk(bytes) {
+                        crate::console::line(&format!("podflare-agent: growing the disk to {bytes} bytes failed: {e}"));
                     }
+                }
+                if wall_clock_ns > 0
+                    && self.set_clock
+                    && sys::clock_needs_setting(sys::realtime_ns(), wall_clock_ns)
+                {
+                    let _ = sys::set_realtime(wall_clock_ns);
                 }
                 if let (Some(fd), false) = (&self.urandom, entropy.is_empty()) {
                     let _ = sys::add_entropy(fd, &entropy);
@@ -280,7 +292,21 @@ mod tests {
             a,
             Action::Hello {
                 wall_clock_ns: 1_700_000_000_000_000_000,
-                entropy: vec![0, 255, 16]
+                entropy: vec![0, 255, 16],
+                disk_bytes: None,
+            }
+        );
+        let a = classify(frame(
+            Kind::Hello,
+            0,
+            br#"{"wall_clock_ns":1,"entropy_hex":"","disk_bytes":2147483648}"#,
+        ));
+        assert_eq!(
+            a,
+            Action::Hello {
+                wall_clock_ns: 1,
+                entropy: vec![],
+                disk_bytes: Some(2 << 30),
             }
         );
     }
@@ -291,7 +317,8 @@ mod tests {
             classify(frame(Kind::Hello, 0, b"\xff not json")),
             Action::Hello {
                 wall_clock_ns: 0,
-                entropy: vec![]
+                entropy: vec![],
+                disk_bytes: None,
             }
         );
         let a = classify(frame(
@@ -303,7 +330,8 @@ mod tests {
             a,
             Action::Hello {
                 wall_clock_ns: 5,
-                entropy: vec![]
+                entropy: vec![],
+                disk_bytes: None,
             }
         );
         let huge = format!(

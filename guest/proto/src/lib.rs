@@ -110,6 +110,10 @@ pub struct Hello {
     pub wall_clock_ns: u64,
     /// Fresh host entropy (hex) to credit to the guest's pool and to reseed the REPL.
     pub entropy_hex: String,
+    /// The size (bytes) the writable disk's file system should have: the
+    /// agent grows it (online) before it answers Ready. Absent: leave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
 
 /// Which interpreter runs an exec.

@@ -229,17 +229,33 @@ impl Channel {
     /// restored guest never runs user code with the snapshot's clock or
     /// random state.
     pub fn send_hello(&self) -> Result<(), ChannelError> {
+        self.send_hello_growing(None, Duration::ZERO)
+    }
+
+    /// As [`Channel::send_hello`]; with `disk_bytes`, the agent's Hello
+    /// asks it to grow the writable disk's file system to that size, and
+    /// the REPL's Hello (so any user code) follows only once the agent has
+    /// answered, waiting at most `wait`: no exec sees the old size.
+    pub fn send_hello_growing(&self, disk_bytes: Option<u64>, wait: Duration) -> Result<(), ChannelError> {
         let hello = Hello {
             wall_clock_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0),
             entropy_hex: host_entropy_hex(),
+            disk_bytes: None,
         };
         for port in 0..PORTS as u32 {
             let mut frame = Vec::new();
-            encode_json(&mut frame, Kind::Hello, 0, &hello);
-            self.send(port, &frame)?;
+            if port == podflare_proto::AGENT_PORT && disk_bytes.is_some() {
+                let seen = self.ready_count(port as usize);
+                encode_json(&mut frame, Kind::Hello, 0, &Hello { disk_bytes, ..hello.clone() });
+                self.send(port, &frame)?;
+                self.wait_ready(port as usize, seen, wait)?;
+            } else {
+                encode_json(&mut frame, Kind::Hello, 0, &hello);
+                self.send(port, &frame)?;
+            }
         }
         Ok(())
     }
