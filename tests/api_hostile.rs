@@ -614,8 +614,13 @@ fn pipelining_client_that_never_reads() {
             break;
         }
     }
-    // healthz from others stays quick while the hog does not read.
-    for _ in 0..10 {
+    // healthz from others stays quick while the hog does not read, for 5
+    // write timeouts: the server's worker may reach the hog's requests late
+    // on a loaded machine, and its write must block a whole timeout before
+    // it gives up (after 10 x 100 ms a loaded run had not, and the hog then
+    // read every answer).
+    let hold = hostile_config().http_write_timeout * 5;
+    while t0.elapsed() < hold {
         healthz_within(srv.addr, Duration::from_secs(1)).unwrap();
         std::thread::sleep(Duration::from_millis(100));
     }
