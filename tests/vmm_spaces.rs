@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::http::{create, request};
-use common::process::{free_port, start_hostd, start_hostd_under, wait_exit};
+use common::process::{free_port, start_hostd, wait_exit};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -166,12 +166,16 @@ fn sigterm_freezes_persistent_sandboxes_and_destroys_the_rest() {
 fn a_freeze_that_cannot_write_leaves_the_sandbox_running_and_nothing_listed() {
     let Some(_kvm) = common::kvm_or_skip() else { return };
     let (dir, log) = temp_paths("spaces-full");
+    // The spaces directory is a file system of 256 KiB: every freeze runs
+    // out of room writing a guest's pages, as on a full disk. (A file size
+    // limit on hostd would fail every create too: each sandbox's writable
+    // disk is a file of its own.) Mounting needs root, as /dev/kvm does here.
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "podflare-test-full"]).arg(&dir).status();
+    assert!(mounted.is_ok_and(|s| s.success()), "mounting a 256 KiB tmpfs on {} failed (the test needs root)", dir.display());
     let env = [("PODFLARE_SPACES_DIR", dir.to_str().unwrap())];
     let addr = free_port();
-    // Files may not grow past 64 KiB (a guest's memory file is its RAM's
-    // size): every freeze fails to write, as on a full disk. SIGXFSZ is
-    // ignored so the write fails with an error instead of killing hostd.
-    let mut hostd = start_hostd_under("trap '' XFSZ; ulimit -f 64", addr, &log, &env);
+    let mut hostd = start_hostd(addr, &log, &env);
     let id = create(addr, r#"{"persistent":true,"idle_timeout_seconds":1}"#);
     exec(addr, &id, "x = 'still here'");
     let t = Instant::now();
@@ -187,6 +191,7 @@ fn a_freeze_that_cannot_write_leaves_the_sandbox_running_and_nothing_listed() {
     let left: Vec<_> = std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     let _ = hostd.kill();
     let _ = hostd.wait();
+    let _ = Command::new("umount").arg(&dir).status();
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&log);
     assert!(logged.contains("freezing into a space failed") && logged.contains("keeps running"), "{logged}");
