@@ -6,6 +6,10 @@ use std::time::Duration;
 use crate::config::LogFormat;
 use crate::obs::Logger;
 
+/// Most vCPUs a guest may have: what the MP table's local APIC entries and
+/// the tests cover, far below KVM's own limit.
+pub const MAX_GUEST_VCPUS: u8 = 8;
+
 /// Everything the VMM needs to know from the operator.
 #[derive(Debug, Clone)]
 pub struct VmmConfig {
@@ -25,7 +29,7 @@ pub struct VmmConfig {
     pub templates: Vec<String>,
     /// `PODFLARE_GUEST_RAM_MIB` (default 512): RAM of every template VM.
     pub guest_ram_mib: u64,
-    /// `PODFLARE_GUEST_VCPUS` (default 1; only 1 is supported so far).
+    /// `PODFLARE_GUEST_VCPUS` (default 1, at most [`MAX_GUEST_VCPUS`]).
     pub guest_vcpus: u8,
     /// `PODFLARE_BOOT_TIMEOUT_SECS` (default 900): boot to agent ready when building a template.
     pub boot_timeout: Duration,
@@ -93,13 +97,11 @@ impl VmmConfig {
             templates,
             guest_ram_mib: env_or("PODFLARE_GUEST_RAM_MIB", 512)?,
             guest_vcpus: match env_or("PODFLARE_GUEST_VCPUS", 1u8)? {
-                // A 2-vCPU guest now cold-boots on PVM (`podflare-vm` with
-                // PODFLARE_VM_VCPUS=2 runs the whole selftest) since the
-                // hypercall-based PV features are hidden from it; its
-                // snapshot, restore and fork are not tested yet, nor SMP on
-                // hardware KVM, so hostd still refuses it.
-                1 => 1,
-                n => return Err(format!("PODFLARE_GUEST_VCPUS={n}: only 1 vCPU per guest is supported so far")),
+                // More than one boots on PVM since the hypercall-based PV
+                // features are hidden from such guests (`boot::cpuid_for`);
+                // `tests/vmm_smp.rs` restores, forks and keeps both busy.
+                n @ 1..=MAX_GUEST_VCPUS => n,
+                n => return Err(format!("PODFLARE_GUEST_VCPUS={n}: from 1 to {MAX_GUEST_VCPUS}")),
             },
             boot_timeout: Duration::from_secs(env_or("PODFLARE_BOOT_TIMEOUT_SECS", 900)?),
             pool_size: env_or("PODFLARE_POOL_SIZE", 0)?,

@@ -156,6 +156,9 @@ fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name
     })?;
     let disk_id = file_identity(&pristine)?;
     let key = snapshot_key(cfg, backend, name, &kernel_id, &rootfs_id, &disk_id);
+    // Guests with more vCPUs live apart too (`<dir>-<n>cpu`): a process
+    // building one must not remove the snapshot others restore from.
+    let dir_name = if cfg.guest_vcpus == 1 { dir_name.to_string() } else { format!("{dir_name}-{}cpu", cfg.guest_vcpus) };
     let dir = cfg.cache_dir.join("snapshots").join(dir_name).join(&key);
     let expect = SnapshotMeta {
         backend,

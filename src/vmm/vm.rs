@@ -567,6 +567,11 @@ impl Vm {
         }
     }
 
+    /// How many vCPUs the VM has.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
     /// CPU time the vCPU threads have used so far: what the guest costs the
     /// host while it runs (on PVM, mostly its emulated kernel).
     pub fn vcpus_cpu_time(&self) -> Duration {

@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod process;
+pub mod vector;
 
 use std::path::PathBuf;
 
