@@ -54,11 +54,11 @@ fn factory() -> Option<&'static VmFactory> {
 #[test]
 fn default_template_vector_state_stays_private() {
     let Some(f) = factory() else { return };
-    vectors_stay_private(f, "default", false);
+    vectors_stay_private(f, "default", false, true);
 }
 
 #[test]
 fn python_datasci_template_vector_state_stays_private() {
     let Some(f) = factory() else { return };
-    vectors_stay_private(f, "python-datasci", true);
+    vectors_stay_private(f, "python-datasci", true, true);
 }

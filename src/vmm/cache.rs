@@ -2,7 +2,8 @@
 //! killed run left behind in it.
 //!
 //! Everything a VM runs comes from here: the kernel, the base images (behind
-//! `current` links) and the template snapshots. Whoever can write any of
+//! `current` links), the writable disk's file system and the template
+//! snapshots. Whoever can write any of
 //! these directories can point a sandbox's disk at any file on the host, so
 //! hostd refuses to start unless each is owned by root or by hostd's own
 //! user and writable by nobody else.
@@ -45,7 +46,8 @@ pub fn check_private(path: &Path, uid: u32) -> Result<(), String> {
 /// The directories and files of the cache a VM's contents come from.
 fn trusted_paths(cfg: &VmmConfig) -> Vec<PathBuf> {
     let root = &cfg.cache_dir;
-    let mut paths = vec![root.clone(), root.join("kernel"), root.join("rootfs"), root.join("snapshots")];
+    // `scratch` holds the file system every sandbox's writable disk starts as.
+    let mut paths = vec![root.clone(), root.join("kernel"), root.join("rootfs"), root.join("snapshots"), root.join("scratch")];
     paths.push(cfg.kernel.clone());
     if let Some(dir) = cfg.kernel.parent() {
         paths.push(dir.to_path_buf());

@@ -80,6 +80,9 @@ pub fn pristine_image(cache_dir: &Path, make: bool) -> io::Result<PathBuf> {
         return Err(io::Error::new(io::ErrorKind::NotFound, format!("{} is missing (made at start)", path.display())));
     }
     std::fs::create_dir_all(&dir)?;
+    // Writable by nobody else whatever the umask: the cache check at start
+    // refuses a directory others could write (they could swap the image).
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     // Unique per process and call: other processes and threads may make
     // theirs at the same time; the rename makes one of them the image.
     let tmp = dir.join(format!(".ext4.tmp{}-{}", std::process::id(), TMP_SEQ.fetch_add(1, Ordering::Relaxed)));
@@ -259,6 +262,24 @@ mod tests {
         let d = std::env::temp_dir().join(format!("podflare-scratch-test-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn the_pristine_image_is_an_empty_ext4_in_a_private_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let cache = dir().join("cache");
+        let _ = std::fs::remove_dir_all(&cache);
+        assert!(pristine_image(&cache, false).is_err(), "never made without `make`");
+        let path = pristine_image(&cache, true).expect("mkfs.ext4 (e2fsprogs) makes it");
+        assert_eq!(pristine_image(&cache, false).unwrap(), path, "found again, not made again");
+        let f = File::open(&path).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), BASE_FS_BYTES);
+        let mut magic = [0u8; 2];
+        f.read_exact_at(&mut magic, 1024 + 0x38).unwrap();
+        assert_eq!(u16::from_le_bytes(magic), 0xef53, "an ext4 superblock");
+        let mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755);
+        std::fs::remove_dir_all(&cache).unwrap();
     }
 
     #[test]
