@@ -13,9 +13,8 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::sync::OnceLock;
-use std::time::Duration;
 
-use podflare_hostd::guest::{ExecChunk, Guest, GuestSpec, Language, StreamRx};
+use podflare_hostd::guest::{Guest, GuestSpec};
 use podflare_hostd::vmm::factory::{RunningGuest, VmFactory};
 use podflare_hostd::vmm::scratch;
 use podflare_hostd::vmm::VmmConfig;
@@ -41,23 +40,8 @@ fn spec(id: &str, rootfs_gb: Option<u64>) -> GuestSpec {
     GuestSpec { template: "default".into(), egress: true, sandbox_id: id.into(), ram_mib: None, rootfs_gb }
 }
 
-fn collect(rx: StreamRx<ExecChunk>) -> (String, i32) {
-    let wait = Duration::from_secs(env("PODFLARE_TEST_WAIT_S", 600));
-    let mut out = String::new();
-    loop {
-        match rx.recv_timeout(wait).expect("exec produced no result in time") {
-            ExecChunk::Stdout(b) | ExecChunk::Stderr(b) => out.push_str(&String::from_utf8_lossy(&b)),
-            ExecChunk::Exit(c) => return (out, c),
-            ExecChunk::Failed(m) => panic!("exec failed: {m}; output so far {out:?}"),
-            ExecChunk::Started => {}
-        }
-    }
-}
-
 fn py(g: &dyn Guest, code: &str) -> String {
-    let (out, status) = collect(g.exec(Language::Python, code).expect("exec starts"));
-    assert_eq!(status, 0, "{code:.300} failed: {out}");
-    out.trim().to_string()
+    common::exec::py(g, code, common::exec::wait(600))
 }
 
 /// Helpers defined in the guest's REPL: the size of `/`, and files written

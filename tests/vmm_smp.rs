@@ -11,9 +11,9 @@
 mod common;
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use podflare_hostd::guest::{ExecChunk, Guest, GuestSpec, Language};
+use podflare_hostd::guest::{Guest, GuestSpec};
 use podflare_hostd::vmm::factory::VmFactory;
 use podflare_hostd::vmm::VmmConfig;
 
@@ -37,18 +37,7 @@ fn spec(id: &str) -> GuestSpec {
 }
 
 fn py(g: &dyn Guest, code: &str) -> String {
-    let wait = Duration::from_secs(std::env::var("PODFLARE_TEST_WAIT_S").ok().and_then(|v| v.parse().ok()).unwrap_or(1800));
-    let rx = g.exec(Language::Python, code).expect("exec starts");
-    let mut out = String::new();
-    loop {
-        match rx.recv_timeout(wait).expect("exec produced no result in time") {
-            ExecChunk::Stdout(b) | ExecChunk::Stderr(b) => out.push_str(&String::from_utf8_lossy(&b)),
-            ExecChunk::Exit(0) => return out.trim().to_string(),
-            ExecChunk::Exit(c) => panic!("{code:.200} exited {c}: {out}"),
-            ExecChunk::Failed(m) => panic!("exec failed: {m}; output so far {out:?}"),
-            ExecChunk::Started => {}
-        }
-    }
+    common::exec::py(g, code, common::exec::wait(1800))
 }
 
 /// Two threads hashing 16 MiB buffers at once (hashlib lets go of the GIL

@@ -253,9 +253,7 @@ impl Inner {
         self.counters.restore_ns_total.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(vm)
     }
-}
 
-impl Inner {
     /// A new VM's own copy of `base` (its write limit comes with the device
     /// state restored over it).
     fn disk_copy(&self, base: &std::fs::File) -> Result<ScratchDisk, VmmError> {

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests that boot real VMs.
 #![allow(dead_code)]
 
+pub mod exec;
 pub mod http;
 pub mod process;
 pub mod vector;
