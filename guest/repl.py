@@ -9,9 +9,21 @@ Wire format: the framing of the podflare-proto crate (guest/proto/src/lib.rs):
 12-byte header (magic 0xF1, version 1, kind u16 LE, stream u32 LE, len u32 LE)
 then the payload.
 
+The shared-memory ring (podflare_proto::ring): when the kernel command line
+names it (`podflare.ring=ADDR`), the REPL maps that reserved region of guest
+RAM through /dev/mem, and Python execs and their output move through its two
+byte rings with the same framing: no system call, no VM exit. After each
+request the main thread keeps polling the ring for the window hostd wrote
+(POLL_US), so back-to-back execs never enter the guest kernel; then it marks
+itself asleep (SLEEP odd) and waits until the reader thread gets a Wake frame
+on the port. The port keeps Hello, Cancel, Ping and Wake. A request whose
+ring generation is newer than the last Hello handled waits for that Hello, so
+user code in a restored or forked copy always runs with fresh randomness.
+
 Threads:
 - main: runs execs one at a time, in arrival order, in one persistent globals
-  dict (`__name__ == '__main__'`);
+  dict (`__name__ == '__main__'`); with the ring, it also takes requests from
+  it and writes output into it directly;
 - reader: reads frames, queues Exec requests, answers Hello/Ping, turns
   Cancel of the running exec into KeyboardInterrupt in the main thread. While
   an exec runs it also streams its output: it waits for frames with a timeout
@@ -105,7 +117,7 @@ HEADER_LEN = HDR.size
 MAX_PAYLOAD = 64 << 20
 
 # Kinds (guest/proto/src/lib.rs `Kind`).
-HELLO, EXEC, STDIN, CLOSE_STDIN, CANCEL, PING = 1, 2, 3, 4, 5, 6
+HELLO, EXEC, STDIN, CLOSE_STDIN, CANCEL, PING, WAKE = 1, 2, 3, 4, 5, 6, 9
 READY, STDOUT, STDERR, EXIT, ERROR, PONG = 64, 65, 66, 67, 68, 69
 
 FLUSH_MS = 2  # coalescing window while an exec prints
@@ -113,6 +125,126 @@ FLUSH_MAX_MS = 50  # longest wait for output of an exec that is silent
 FLUSH_BYTES = 64 << 10  # send at once when this much is buffered
 OUT_FRAME_MAX = 1 << 20  # one write may be any size; its frames are not
 PORT_WAIT = 120.0  # seconds to wait for the port node to appear
+
+
+# The ring region (guest/proto/src/lib.rs `ring`): offsets of its words, its
+# rings and their sizes.
+RING_LEN = 0x40_0000
+RING_MAGIC_OFF, RING_MAGIC = 0x00, 0x3152_4650
+RING_SLEEP, RING_GENERATION, RING_POLL_US = 0x08, 0x10, 0x14
+RING_H2G_HEAD, RING_H2G_TAIL, RING_G2H_HEAD, RING_G2H_TAIL = 0x40, 0x48, 0x80, 0x88
+RING_H2G_DATA, RING_H2G_SIZE = 0x10_0000, 0x10_0000
+RING_G2H_DATA, RING_G2H_SIZE = 0x20_0000, 0x20_0000
+RING_DEFAULT_POLL_US = 10_000
+U64 = (1 << 64) - 1
+
+
+class Ring:
+    """This process's end of the shared-memory ring. Host bytes are read
+    by the main thread only; writes go through `lock`, so frames from the
+    main and drain threads never interleave."""
+
+    def __init__(self, mm):
+        import ctypes
+
+        self.mm = mm
+        word = lambda t, off: t.from_buffer(mm, off)  # noqa: E731
+        self.sleep = word(ctypes.c_uint32, RING_SLEEP)
+        self.generation = word(ctypes.c_uint32, RING_GENERATION)
+        self.poll_us = word(ctypes.c_uint32, RING_POLL_US)
+        self.h2g_head = word(ctypes.c_uint64, RING_H2G_HEAD)
+        self.h2g_tail = word(ctypes.c_uint64, RING_H2G_TAIL)
+        self.g2h_head = word(ctypes.c_uint64, RING_G2H_HEAD)
+        self.g2h_tail = word(ctypes.c_uint64, RING_G2H_TAIL)
+        self.magic = word(ctypes.c_uint32, RING_MAGIC_OFF)
+        # Our own counters: the snapshot's values on a restore.
+        self.taken = self.h2g_tail.value
+        self.put_at = self.g2h_head.value
+        if self.sleep.value % 2:
+            self.sleep.value += 1
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def attach():
+        """Maps the region the command line names; None without one (an
+        older host, a test serving another port) or if it cannot be used."""
+        try:
+            with open("/proc/cmdline") as f:
+                words = f.read().split()
+            addr = next((int(w.split("=", 1)[1], 0) for w in words if w.startswith("podflare.ring=")), None)
+            if addr is None:
+                return None
+            import mmap
+
+            fd = os.open("/dev/mem", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                mm = mmap.mmap(fd, RING_LEN, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=addr)
+            finally:
+                os.close(fd)
+            return Ring(mm)
+        except (OSError, ValueError, StopIteration) as e:
+            sys.stderr.write("podflare-repl: no ring (%s): execs use the port\n" % e)
+            return None
+
+    def serve(self):
+        """Tells hostd to send Python execs here (before the first Ready)."""
+        self.magic.value = RING_MAGIC
+
+    def window(self):
+        us = self.poll_us.value
+        return (us if us else RING_DEFAULT_POLL_US) / 1e6
+
+    def waiting(self):
+        return self.h2g_head.value != self.taken
+
+    def take(self):
+        """Every host byte in the ring (b"" if none)."""
+        n = (self.h2g_head.value - self.taken) & U64
+        if n == 0 or n > RING_H2G_SIZE:
+            return b""
+        off = self.taken % RING_H2G_SIZE
+        first = min(n, RING_H2G_SIZE - off)
+        mm = self.mm
+        data = mm[RING_H2G_DATA + off : RING_H2G_DATA + off + first]
+        if n > first:
+            data += mm[RING_H2G_DATA : RING_H2G_DATA + n - first]
+        self.taken = (self.taken + n) & U64
+        self.h2g_tail.value = self.taken
+        return data
+
+    def put(self, data):
+        """Writes all of `data`, waiting while the ring is full (hostd
+        drains it; a reader that stopped reading pauses it). A Cancel that
+        arrives meanwhile is raised after the frame is whole: a torn frame
+        would break every later one."""
+        interrupted = False
+        view = memoryview(data)
+        nap = 0.0
+        with self.lock:
+            while view:
+                try:
+                    room = RING_G2H_SIZE - ((self.put_at - self.g2h_tail.value) & U64)
+                    if room <= 0:
+                        # Polling first: hostd takes output within ~1 ms.
+                        if nap:
+                            time.sleep(nap)
+                        nap = min(nap * 2 or 0.0002, 0.05)
+                        continue
+                    nap = 0.0
+                    n = min(room, len(view))
+                    off = self.put_at % RING_G2H_SIZE
+                    first = min(n, RING_G2H_SIZE - off)
+                    mm = self.mm
+                    mm[RING_G2H_DATA + off : RING_G2H_DATA + off + first] = view[:first]
+                    if n > first:
+                        mm[RING_G2H_DATA : RING_G2H_DATA + n - first] = view[first:n]
+                    self.put_at = (self.put_at + n) & U64
+                    self.g2h_head.value = self.put_at
+                    view = view[n:]
+                except KeyboardInterrupt:
+                    interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
 
 
 def frame(kind, stream, payload=b""):
@@ -177,6 +309,8 @@ class Output:
         self.stream = None  # None: no exec running, output is dropped
         self.chunks = []  # [kind, bytearray]
         self.size = 0
+        # With the ring, output goes straight into it: nothing accumulates.
+        self.ring = None
 
     def begin(self, stream):
         with self.lock:
@@ -186,6 +320,13 @@ class Output:
 
     def add(self, kind, data):
         if not data:
+            return
+        ring = self.ring
+        if ring is not None:
+            stream = self.stream
+            if stream is not None:
+                ring.put(frame(kind, stream, bytes(data)) if len(data) <= OUT_FRAME_MAX else b"".join(
+                    frame(kind, stream, bytes(data[i : i + OUT_FRAME_MAX])) for i in range(0, len(data), OUT_FRAME_MAX)))
             return
         with self.lock:
             if self.stream is None:
@@ -230,6 +371,10 @@ class Output:
 
     def finish(self, stream, code):
         """Sends what is left and the Exit frame, in one write."""
+        if self.ring is not None:
+            self.stream = None
+            self.ring.put(frame(EXIT, stream, struct.pack("<i", code)))
+            return
         with self.port.lock:
             with self.lock:
                 data = self._take() + frame(EXIT, stream, struct.pack("<i", code))
@@ -377,6 +522,18 @@ class Repl:
         self.stdout = TextWriter(self.out, STDOUT, 1)
         self.stderr = TextWriter(self.out, STDERR, 2)
         self.children = None
+        self.ring = None
+        # Set by the reader for a Wake frame (or a request on the port)
+        # while the main thread sleeps; generation of the last Hello handled.
+        self.wake = threading.Event()
+        self.hello = threading.Condition(self.lock)
+        self.hello_generation = 0
+        self.rbuf = bytearray()
+
+    def use_ring(self, ring):
+        self.ring = ring
+        self.out.ring = ring
+        self.hello_generation = ring.generation.value
 
     # --- reader thread -------------------------------------------------
 
@@ -393,7 +550,7 @@ class Repl:
         wait_ms = FLUSH_MS
         while True:
             try:
-                if self.busy:
+                if self.busy and self.out.ring is None:
                     # An exec is queued or running: wake up to stream its output.
                     if not waiter.poll(wait_ms):
                         wait_ms = FLUSH_MS if self.out.flush() else min(wait_ms * 2, FLUSH_MAX_MS)
@@ -447,6 +604,9 @@ class Repl:
             with self.lock:
                 self.busy += 1
             self.requests.put((stream, code))
+            self.wake.set()
+        elif kind == WAKE:
+            self.wake.set()
         elif kind == CANCEL:
             with self.lock:
                 if stream == self.current:
@@ -471,6 +631,14 @@ class Repl:
                 # Every restored or forked copy gets its own random state.
                 random.seed(entropy)
                 reseed_numpy(entropy)
+            try:
+                generation = int(hello.get("ring_generation", 0)) & 0xFFFFFFFF
+            except Exception:
+                generation = 0
+            if generation:
+                with self.hello:
+                    self.hello_generation = generation
+                    self.hello.notify_all()
             self.port.send(self.ready_frame())
         elif kind == PING:
             self.port.send(frame(PONG, stream, payload))
@@ -559,11 +727,91 @@ class Repl:
         except Exception:
             self.stderr.write("%s: %s\n" % (etype.__name__, value))
 
+    # --- the ring (main thread) -------------------------------------------
+
+    def ring_request(self):
+        """The next complete frame in the ring as (stream, code), or None.
+        A malformed one is answered with an Error frame and dropped."""
+        buf = self.rbuf
+        while len(buf) >= HEADER_LEN:
+            magic, version, kind, stream, length = HDR.unpack_from(buf)
+            if magic != MAGIC or version != PROTOCOL or length > MAX_PAYLOAD:
+                nxt = buf.find(MAGIC, 1)
+                del buf[: nxt if nxt > 0 else len(buf)]
+                continue
+            end = HEADER_LEN + length
+            if len(buf) < end:
+                return None
+            payload = bytes(buf[HEADER_LEN:end])
+            del buf[:end]
+            if kind != EXEC:
+                continue
+            try:
+                req = json.loads(payload)
+                lang, code = req.get("language"), req["code"]
+                if not isinstance(code, str):
+                    raise ValueError("code is not a string")
+            except Exception as e:
+                self.ring.put(frame(ERROR, stream, ("malformed exec request: %s" % e).encode()))
+                continue
+            if lang != "python":
+                self.ring.put(frame(ERROR, stream, b"the REPL ring runs python execs only"))
+                continue
+            return stream, code
+        return None
+
+    def after_hello(self):
+        """Waits until the Hello of the ring's current generation (or a
+        newer one) has been handled."""
+        with self.hello:
+            while 0 < ((self.ring.generation.value - self.hello_generation) & 0xFFFFFFFF) < 1 << 31:
+                self.hello.wait()
+
+    def next_request(self):
+        """Polls the ring (and the port's queue) for the next request; after
+        the polling window with nothing new, sleeps until woken."""
+        ring = self.ring
+        started = None
+        spins = 0
+        while True:
+            data = ring.take()
+            if data:
+                self.rbuf += data
+                started = None
+                req = self.ring_request()
+                if req is not None:
+                    self.after_hello()
+                    return req
+            if not self.requests.empty():
+                return self.requests.get()
+            spins += 1
+            if spins & 255:
+                continue
+            now = time.monotonic()
+            if started is None:
+                started = now
+                continue
+            if now - started < ring.window():
+                continue
+            self.wake.clear()
+            ring.sleep.value += 1  # odd: asleep; hostd sends Wake from now on
+            if not ring.waiting() and self.requests.empty():
+                self.wake.wait()
+            ring.sleep.value += 1
+            started = None
+
     def serve(self):
+        if self.ring is not None:
+            self.ring.serve()
         self.port.send(self.ready_frame())
         while True:
             try:
-                stream, code = self.requests.get()
+                if self.ring is not None:
+                    stream, code = self.next_request()
+                    with self.lock:
+                        self.busy += 1
+                else:
+                    stream, code = self.requests.get()
                 self.run_exec(stream, code)
             except KeyboardInterrupt:
                 # A Cancel that raced with the end of its exec.
@@ -691,8 +939,12 @@ def main():
     prepare = os.environ.pop("PODFLARE_PREPARE_HEAP", None) == "1"
     heap_settings()
     warm_up()
+    serve_vport = "PODFLARE_REPL_PORT_FD" not in os.environ and "PODFLARE_REPL_PORT_PATH" not in os.environ
     port = Port(find_port())
     repl = Repl(port)
+    ring = Ring.attach() if serve_vport else None
+    if ring is not None:
+        repl.use_ring(ring)
     signal.signal(signal.SIGINT, repl.on_sigint)
     # Child processes inherit fd 1/2: make them pipes we forward. From here on
     # nothing goes to the console (the agent keeps it quiet).

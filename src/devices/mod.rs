@@ -1,5 +1,6 @@
 //! Device models of one VM: an address-range bus (PIO and MMIO), the 16550A
-//! serial port, and virtio-mmio devices (block, console).
+//! serial port, virtio-mmio devices (block, console), and the REPL's
+//! shared-memory ring.
 //!
 //! Everything here is guest-facing and runs inside the one hostd process that
 //! hosts every VM, so no input the guest can produce (register writes,
@@ -7,6 +8,7 @@
 //! guest memory is touched only through vm-memory's checked accessors.
 
 pub mod bus;
+pub mod ring;
 pub mod serial;
 pub mod virtio;
 

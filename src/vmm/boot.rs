@@ -38,6 +38,7 @@ const CMDLINE_MAX: usize = 4096;
 const HIMEM_START: u64 = 0x10_0000;
 const EBDA_START: u64 = 0x9fc00;
 const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
 
 /// What can go wrong preparing a boot.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +96,26 @@ fn mem_err<E: std::fmt::Display>(e: E) -> BootError {
     BootError::Memory(e.to_string())
 }
 
+/// The guest's memory map: RAM below the EBDA and from 1 MiB on, except
+/// the REPL's ring region (`podflare_proto::ring`), which is reserved so
+/// the guest kernel never allocates it and user space may map it through
+/// `/dev/mem`. RAM too small to hold it (hand-made test guests) has no ring.
+fn e820_map(ram_end: u64) -> Vec<boot_e820_entry> {
+    use podflare_proto::ring;
+    let entry = |addr: u64, end: u64, r#type: u32| boot_e820_entry { addr, size: end - addr, r#type };
+    let mut map = vec![entry(0, EBDA_START, E820_RAM)];
+    if ram_end >= ring::BASE + ring::LEN {
+        map.push(entry(HIMEM_START, ring::BASE, E820_RAM));
+        map.push(entry(ring::BASE, ring::BASE + ring::LEN, E820_RESERVED));
+        if ram_end > ring::BASE + ring::LEN {
+            map.push(entry(ring::BASE + ring::LEN, ram_end, E820_RAM));
+        }
+    } else {
+        map.push(entry(HIMEM_START, ram_end, E820_RAM));
+    }
+    map
+}
+
 /// Loads the vmlinux into guest memory and returns its 64-bit entry point.
 pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<GuestAddress, BootError> {
     let mut file = File::open(path)
@@ -108,7 +129,8 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<GuestAddress, BootE
 /// What the guest is told about its machine, beyond the command line: a
 /// template snapshot taken under another description is not reused.
 /// Revision 2: an MP table (local APICs, IO-APIC) and the TSC-deadline timer.
-pub const MACHINE_REVISION: u32 = 2;
+/// Revision 3: the REPL's ring region, reserved in the e820 map.
+pub const MACHINE_REVISION: u32 = 3;
 
 /// Writes the command line, the zero page (with its e820 map), the MP table
 /// for `vcpus` vCPUs, the GDT, an empty IDT and identity-mapping page tables.
@@ -125,10 +147,7 @@ pub fn write_boot_structures(mem: &GuestMemory, cmdline: &str, vcpus: u8) -> Res
     params.hdr.cmdline_size = (cmdline.len() + 1) as u32;
     params.hdr.kernel_alignment = 0x0100_0000;
     let ram_end = ram_bytes(mem);
-    let e820 = [
-        boot_e820_entry { addr: 0, size: EBDA_START, r#type: E820_RAM },
-        boot_e820_entry { addr: HIMEM_START, size: ram_end - HIMEM_START, r#type: E820_RAM },
-    ];
+    let e820 = e820_map(ram_end);
     params.e820_table[..e820.len()].copy_from_slice(&e820);
     params.e820_entries = e820.len() as u8;
     LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE)), mem)
@@ -394,6 +413,8 @@ pub fn cmdline(backend: Backend, virtio_devices: &[(u64, u32)], extra: &str) -> 
         // Tells the agent to keep user code off AVX (see guest/agent env.rs).
         s.push_str(" podflare.pvm=1");
     }
+    // The REPL serves its ring at this address (see podflare_proto::ring).
+    s.push_str(&format!(" podflare.ring={:#x}", podflare_proto::ring::BASE));
     if !extra.is_empty() {
         s.push(' ');
         s.push_str(extra);
@@ -413,6 +434,21 @@ mod tests {
         let hw = cmdline(Backend::Hardware, &[(0xd000_0000, 5)], "x=1");
         assert!(!hw.contains("noxsave"));
         assert!(hw.ends_with("x=1"));
+        assert!(pvm.contains("podflare.ring=0x800000") && hw.contains("podflare.ring=0x800000"));
+    }
+
+    #[test]
+    fn the_ring_region_is_reserved_and_the_rest_of_ram_is_ram() {
+        use podflare_proto::ring;
+        let map = e820_map(256 << 20);
+        let ram: u64 = map.iter().filter(|e| e.r#type == E820_RAM).map(|e| e.size).sum();
+        assert_eq!(ram, EBDA_START + (256 << 20) - HIMEM_START - ring::LEN);
+        let reserved: Vec<_> = map.iter().filter(|e| e.r#type == E820_RESERVED).map(|e| (e.addr, e.size)).collect();
+        assert_eq!(reserved, vec![(ring::BASE, ring::LEN)]);
+        // Entries are in order and never overlap.
+        assert!(map.windows(2).all(|w| w[0].addr + w[0].size <= w[1].addr));
+        // A guest too small for the region keeps all of its RAM.
+        assert_eq!(e820_map(4 << 20).len(), 2);
     }
 
     #[test]

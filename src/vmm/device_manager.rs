@@ -19,10 +19,12 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::channel::Channel;
 use super::scratch::{self, ScratchDisk};
 use super::{memory, VmStatus, VmmError};
 use crate::seccomp::{self, ThreadKind};
 use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::ring::{Ring, RingHandle, RingPeer};
 use crate::devices::serial::{ConsoleLog, SerialDevice, SerialState};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::{Console, ConsoleHandle, ConsoleSink};
@@ -118,15 +120,23 @@ pub struct Backends {
     pub disk: (File, Arc<AtomicU64>),
     /// Where the console delivers guest bytes (the channel).
     pub channel_sink: ConsoleSink,
+    /// The host side of the REPL's ring (the channel).
+    pub ring_peer: Box<dyn RingPeer>,
     /// Where the serial console's output is kept.
     pub console_log: Arc<ConsoleLog>,
 }
 
 impl Backends {
-    /// The backends of a VM with `rootfs` and `disk`.
-    pub fn new(rootfs: File, disk: &ScratchDisk, channel_sink: ConsoleSink, console_log: Arc<ConsoleLog>) -> Result<Backends, VmmError> {
+    /// The backends of a VM with `rootfs`, `disk` and `channel`.
+    pub fn new(rootfs: File, disk: &ScratchDisk, channel: &Channel, console_log: Arc<ConsoleLog>) -> Result<Backends, VmmError> {
         let file = disk.device_file().map_err(VmmError::Io)?;
-        Ok(Backends { rootfs, disk: (file, disk.limit_handle()), channel_sink, console_log })
+        Ok(Backends {
+            rootfs,
+            disk: (file, disk.limit_handle()),
+            channel_sink: channel.sink(),
+            ring_peer: channel.ring_peer(),
+            console_log,
+        })
     }
 }
 
@@ -167,6 +177,9 @@ enum NotifyTarget {
     Queue(Arc<Mutex<MmioTransport>>, usize),
     /// Host code queued output for the console.
     ConsoleKick(Arc<Mutex<Console>>),
+    /// Host code queued bytes for the ring or resumed it (the poll after
+    /// every batch does the work).
+    RingKick,
 }
 
 /// An eventfd the device thread waits on, and what it wakes.
@@ -179,6 +192,8 @@ pub struct Notifier {
 pub struct DeviceManager {
     live: Vec<(DeviceSlot, Live)>,
     console_handle: ConsoleHandle,
+    ring: Arc<Mutex<Ring>>,
+    ring_handle: RingHandle,
     /// Held by the device thread while it handles a batch of events, and by
     /// whoever needs devices and guest memory still (a fork's capture).
     work: Arc<Mutex<()>>,
@@ -216,7 +231,7 @@ impl DeviceManager {
         backends: Backends,
         saved: Option<&DevicesState>,
     ) -> Result<(DeviceManager, Vec<Notifier>), VmmError> {
-        let Backends { rootfs, disk, channel_sink, console_log } = backends;
+        let Backends { rootfs, disk, channel_sink, ring_peer, console_log } = backends;
         let (mut rootfs, mut disk, mut channel_sink) = (Some(rootfs), Some(disk), Some(channel_sink));
         let mut live = Vec::with_capacity(LAYOUT.len());
         let mut notifiers = Vec::new();
@@ -263,7 +278,13 @@ impl DeviceManager {
         }
         let console_handle =
             console_handle.ok_or_else(|| VmmError::Config("the device table has no console".into()))?;
-        Ok((DeviceManager { live, console_handle, work: Arc::new(Mutex::new(())) }, notifiers))
+        // The ring needs no saved state of its own: everything it has is in
+        // guest memory (the counters it owns are read back from there).
+        let (ring, ring_handle) = Ring::new(mem, ring_peer)?;
+        let kick = ring.kick_fd().try_clone().map_err(VmmError::Io)?;
+        notifiers.push(Notifier { fd: kick, target: NotifyTarget::RingKick });
+        let ring = Arc::new(Mutex::new(ring));
+        Ok((DeviceManager { live, console_handle, ring, ring_handle, work: Arc::new(Mutex::new(())) }, notifiers))
     }
 
     /// Every device's state. Take it with the vCPUs paused.
@@ -300,6 +321,16 @@ impl DeviceManager {
         &self.console_handle
     }
 
+    /// The ring's host-side handle (the channel sends Python execs through it).
+    pub fn ring_handle(&self) -> &RingHandle {
+        &self.ring_handle
+    }
+
+    /// The ring, for [`DeviceManager::spawn_thread`].
+    pub fn ring(&self) -> Arc<Mutex<Ring>> {
+        self.ring.clone()
+    }
+
     /// The lock the device thread holds while it works, for
     /// [`DeviceManager::spawn_thread`].
     pub fn work_lock(&self) -> Arc<Mutex<()>> {
@@ -315,7 +346,9 @@ impl DeviceManager {
 
     /// Starts the VM's device thread: it waits on the queue notifiers and
     /// host kicks and runs the device code for each, until `stop` is
-    /// written. Guest-facing code runs here, so a panic is caught and fails
+    /// written. After each batch it polls the ring; while the ring is busy
+    /// it keeps polling (a short spin, then naps growing to
+    /// [`RING_NAP_MAX`]), and otherwise it sleeps until an event. Guest-facing code runs here, so a panic is caught and fails
     /// only this VM, and the thread installs its seccomp filter first (an
     /// error is returned once it is known, and the thread has ended).
     pub fn spawn_thread(
@@ -324,6 +357,7 @@ impl DeviceManager {
         notifiers: Vec<Notifier>,
         status: Arc<VmStatus>,
         work: Arc<Mutex<()>>,
+        ring: Arc<Mutex<Ring>>,
     ) -> Result<JoinHandle<()>, VmmError> {
         use std::os::unix::io::AsRawFd;
         const STOP_TOKEN: u64 = u64::MAX;
@@ -352,8 +386,15 @@ impl DeviceManager {
                 }
                 let body = std::panic::AssertUnwindSafe(|| {
                     let mut events = vec![EpollEvent::default(); 16];
+                    let mut ring_busy = false;
+                    let mut quiet_polls = 0u32;
                     loop {
-                        let n = match epoll.wait(-1, &mut events) {
+                        if ring_busy {
+                            if let Some(nap) = ring_nap(quiet_polls) {
+                                std::thread::sleep(nap);
+                            }
+                        }
+                        let n = match epoll.wait(if ring_busy { 0 } else { -1 }, &mut events) {
                             Ok(n) => n,
                             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                             Err(e) => {
@@ -372,8 +413,12 @@ impl DeviceManager {
                             match &n.target {
                                 NotifyTarget::Queue(t, q) => lock(t).queue_notify(*q),
                                 NotifyTarget::ConsoleKick(c) => lock(c).process_host_output(),
+                                NotifyTarget::RingKick => {}
                             }
                         }
+                        let polled = lock(&ring).poll();
+                        ring_busy = polled.busy;
+                        quiet_polls = if polled.moved || n > 0 { 0 } else { quiet_polls.saturating_add(1) };
                     }
                 });
                 if std::panic::catch_unwind(body).is_err() {
@@ -394,6 +439,22 @@ impl DeviceManager {
             }
         }
     }
+}
+
+/// Polls of a busy ring with nothing moving before the device thread
+/// starts to nap between polls (a few microseconds each).
+const RING_SPIN_POLLS: u32 = 64;
+/// The longest nap between polls of a busy ring: the most a silent exec's
+/// next output waits for the host, and ~1,000 cheap wake-ups a second per
+/// running exec. A ring with nothing running is not polled at all.
+pub const RING_NAP_MAX: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The nap before the next poll of a busy ring that moved nothing for
+/// `quiet` polls: none while spinning, then 20 us doubling up to the cap.
+fn ring_nap(quiet: u32) -> Option<std::time::Duration> {
+    let past = quiet.checked_sub(RING_SPIN_POLLS)?;
+    let nap = std::time::Duration::from_micros(20u64 << past.min(10));
+    Some(nap.min(RING_NAP_MAX))
 }
 
 fn wrong_kind(slot: DeviceSlot) -> VmmError {

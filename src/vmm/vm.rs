@@ -233,7 +233,7 @@ impl Vm {
         let entry = load(&mem)?;
         let channel = Channel::new();
         let log = ConsoleLog::new(CONSOLE_LOG_BYTES);
-        let backends = Backends::new(rootfs, &disk, channel.sink(), log.clone())?;
+        let backends = Backends::new(rootfs, &disk, &channel, log.clone())?;
         let (devices, notifiers) = DeviceManager::build(&vm_fd, &mem, backends, None)?;
         let supported = boot::supported_msrs(kvm)?;
         let mut fds = Vec::new();
@@ -316,7 +316,7 @@ impl Vm {
         state.vm.restore(&vm_fd, age_ns)?;
         let log = ConsoleLog::new(CONSOLE_LOG_BYTES);
         let Disks { rootfs, disk } = disks;
-        let backends = Backends::new(rootfs, &disk, channel.sink(), log.clone())?;
+        let backends = Backends::new(rootfs, &disk, &channel, log.clone())?;
         let (devices, notifiers) = DeviceManager::build(&vm_fd, &mem, backends, Some(&state.devices))?;
         let supported = boot::supported_msrs(kvm)?;
         let mut fds = Vec::new();
@@ -343,8 +343,10 @@ impl Vm {
         super::vcpu::install_kick_handler().map_err(VmmError::Config)?;
         let status = Arc::new(VmStatus::new(name, channel.clone()));
         let stop = EventFd::new(EFD_NONBLOCK).map_err(VmmError::Io)?;
-        let device_thread = DeviceManager::spawn_thread(name, &stop, notifiers, status.clone(), devices.work_lock())?;
+        let device_thread =
+            DeviceManager::spawn_thread(name, &stop, notifiers, status.clone(), devices.work_lock(), devices.ring())?;
         channel.attach(devices.console_handle().clone());
+        channel.attach_ring(devices.ring_handle().clone());
         let ctx = Arc::new(VcpuContext {
             pio: Arc::new(devices.bus(BusKind::Pio)?),
             mmio: Arc::new(devices.bus(BusKind::Mmio)?),

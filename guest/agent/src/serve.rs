@@ -137,7 +137,9 @@ pub fn classify(f: InFrame) -> Action {
             stream: f.stream,
             payload: f.payload,
         },
-        Kind::Ready
+        // Wake is for the REPL's ring; the agent has none.
+        Kind::Wake
+        | Kind::Ready
         | Kind::Stdout
         | Kind::Stderr
         | Kind::Exit

@@ -61,6 +61,9 @@ pub enum Kind {
     /// Host -> guest: JSON [`PtySize`]; the terminal of stream `stream` has
     /// a new size (its foreground process group gets SIGWINCH).
     Resize = 8,
+    /// Host -> guest (REPL port): empty; requests wait in the shared-memory
+    /// ring ([`ring`]) and the REPL went to sleep: look again.
+    Wake = 9,
     /// Guest -> host: JSON [`Ready`]; the end speaking on this port is serving.
     Ready = 64,
     /// Guest -> host: raw stdout bytes of stream `stream`.
@@ -90,6 +93,7 @@ impl Kind {
             6 => Kind::Ping,
             7 => Kind::Pty,
             8 => Kind::Resize,
+            9 => Kind::Wake,
             64 => Kind::Ready,
             65 => Kind::Stdout,
             66 => Kind::Stderr,
@@ -114,6 +118,58 @@ pub struct Hello {
     /// agent grows it (online) before it answers Ready. Absent: leave it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
+    /// The ring generation ([`ring::GENERATION`]) the host wrote before
+    /// this Hello: the REPL runs no ring request of a newer generation
+    /// until it has handled this Hello (fresh clock and randomness first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_generation: Option<u32>,
+}
+
+/// The shared-memory ring between hostd and the REPL: a region of guest
+/// RAM the e820 map marks reserved (the guest kernel never uses it), which
+/// the REPL maps through `/dev/mem` and hostd reads and writes through its
+/// own mapping of guest memory. It carries the REPL port's frames (the
+/// same framing as the console) in two byte rings, so an exec and its
+/// output cost the guest no system call and no VM exit while the REPL
+/// polls; the console port stays for `Hello`, `Cancel` and [`Kind::Wake`].
+///
+/// Counters are free-running byte counts (u64, little endian, 8-byte
+/// aligned): `head - tail` bytes are in a ring, at `counter % size`.
+/// Everything in the region is untrusted to hostd.
+pub mod ring {
+    /// Guest-physical start of the region.
+    pub const BASE: u64 = 0x80_0000;
+    /// Region length.
+    pub const LEN: u64 = 0x40_0000;
+    /// u32: [`GUEST_MAGIC_VALUE`] once the REPL serves the ring.
+    pub const GUEST_MAGIC: u64 = 0x00;
+    /// The value of [`GUEST_MAGIC`]: "PFR1".
+    pub const GUEST_MAGIC_VALUE: u32 = 0x3152_4650;
+    /// u32: odd while the REPL sleeps (it then needs a [`super::Kind::Wake`]),
+    /// even while it polls; the REPL adds one at each change.
+    pub const SLEEP: u64 = 0x08;
+    /// u32, host-written: bumped before every `Hello` (see
+    /// [`super::Hello::ring_generation`]).
+    pub const GENERATION: u64 = 0x10;
+    /// u32, host-written: how long (microseconds) the REPL keeps polling
+    /// after its last request before it sleeps.
+    pub const POLL_US: u64 = 0x14;
+    /// u64, host-written: bytes ever written into the host -> guest ring.
+    pub const H2G_HEAD: u64 = 0x40;
+    /// u64, guest-written: bytes ever taken from the host -> guest ring.
+    pub const H2G_TAIL: u64 = 0x48;
+    /// u64, guest-written: bytes ever written into the guest -> host ring.
+    pub const G2H_HEAD: u64 = 0x80;
+    /// u64, host-written: bytes ever taken from the guest -> host ring.
+    pub const G2H_TAIL: u64 = 0x88;
+    /// Offset of the host -> guest ring's bytes.
+    pub const H2G_DATA: u64 = 0x10_0000;
+    /// Size of the host -> guest ring.
+    pub const H2G_SIZE: u64 = 0x10_0000;
+    /// Offset of the guest -> host ring's bytes.
+    pub const G2H_DATA: u64 = 0x20_0000;
+    /// Size of the guest -> host ring.
+    pub const G2H_SIZE: u64 = 0x20_0000;
 }
 
 /// Which interpreter runs an exec.
@@ -347,6 +403,17 @@ mod tests {
         let mut d = Decoder::new();
         d.push(&[MAGIC, PROTOCOL_VERSION, 65, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
         assert_eq!(d.next_frame(), Err(DecodeError::TooLarge(u32::MAX)));
+    }
+
+    #[test]
+    fn ring_layout_fits_its_region() {
+        use ring::*;
+        assert!(H2G_DATA >= 0x1000 && H2G_DATA + H2G_SIZE <= G2H_DATA && G2H_DATA + G2H_SIZE <= LEN);
+        assert!(H2G_SIZE.is_power_of_two() && G2H_SIZE.is_power_of_two());
+        for off in [H2G_HEAD, H2G_TAIL, G2H_HEAD, G2H_TAIL] {
+            assert_eq!(off % 8, 0);
+        }
+        assert_eq!(Kind::from_u16(Kind::Wake as u16), Some(Kind::Wake));
     }
 
     #[test]

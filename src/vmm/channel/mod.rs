@@ -1,5 +1,11 @@
-//! Host side of the guest channel: frames over the virtio-console ports,
-//! demultiplexed into per-request streams.
+//! Host side of the guest channel: frames over the virtio-console ports
+//! and the REPL's shared-memory ring, demultiplexed into per-request streams.
+//!
+//! Python execs go through the ring ([`crate::devices::ring`]) once the
+//! REPL serves it: their request and output then move through guest memory
+//! with no guest system call while the REPL polls, and the console port
+//! carries only `Hello`, wake-ups and the rest of the control frames. A
+//! REPL that does not serve the ring gets its execs over the console port.
 //!
 //! The console device hands us guest bytes per port on the VM's device thread
 //! ([`Channel::sink`]); we decode frames and route each to the stream it names.
@@ -13,17 +19,27 @@
 //! queue; the guest then waits on its own full queue, and the stream's drain
 //! hook restarts the port once the reader has caught up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use podflare_proto::{encode, encode_json, Decoder, ExecRequest, Frame, Hello, Kind, Language, PtyRequest, PtySize};
 
+use crate::devices::ring::{RingHandle, RingPeer};
 use crate::devices::virtio::console::{ConsoleHandle, ConsoleSink, SinkFlow};
 use crate::devices::DeviceError;
 use crate::guest::{stream, ExecChunk, Flow, StreamRx, StreamTx, EXEC_STREAM_LIMIT};
 /// Port count: 0 = agent, 1 = Python REPL.
 pub const PORTS: usize = 2;
+/// The REPL's ring, numbered after the console ports (its own decoder and
+/// `Ready` count; not a console port).
+const RING: usize = PORTS;
+/// Frame sources: the console ports and the ring.
+const SOURCES: usize = PORTS + 1;
+/// How long the REPL polls its ring after a request before it sleeps, when
+/// nobody set it ([`Channel::set_poll_window`]).
+pub const DEFAULT_POLL_US: u32 = 10_000;
 
 /// Channel failures.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -41,10 +57,16 @@ pub enum ChannelError {
 
 #[derive(Default)]
 struct Inner {
-    decoders: [Decoder; PORTS],
+    decoders: [Decoder; SOURCES],
     streams: HashMap<u32, StreamTx<ExecChunk>>,
+    /// Streams whose request went through the ring and whose end has not
+    /// come back: while there is any, the device thread polls the ring.
+    ring_streams: HashSet<u32>,
+    /// Host bytes for the ring inherited from a fork's parent, queued once
+    /// the ring is attached.
+    ring_seed: Vec<u8>,
     next_stream: u32,
-    ready: [u64; PORTS],
+    ready: [u64; SOURCES],
     pongs: u64,
     failed: Option<String>,
 }
@@ -55,20 +77,23 @@ struct Inner {
 /// and must not land in a new exec's stream).
 #[derive(Clone, Debug)]
 pub struct ChannelSeed {
-    decoders: [Decoder; PORTS],
+    decoders: [Decoder; SOURCES],
     next_stream: u32,
+    /// Host bytes not yet in the parent's ring (part of a request may be in
+    /// it already: the child's guest must get the rest).
+    ring_pending: Vec<u8>,
 }
 
 impl ChannelSeed {
     /// The next stream number, when no guest frame is half received (a
     /// frozen space keeps only that number: nothing else is in flight).
     pub fn quiet_next_stream(&self) -> Option<u32> {
-        self.decoders.iter().all(|d| d.pending() == 0).then_some(self.next_stream)
+        (self.decoders.iter().all(|d| d.pending() == 0) && self.ring_pending.is_empty()).then_some(self.next_stream)
     }
 
     /// A channel start with nothing pending, numbering streams from `next_stream`.
     pub fn at_stream(next_stream: u32) -> Self {
-        ChannelSeed { decoders: Default::default(), next_stream }
+        ChannelSeed { decoders: Default::default(), next_stream, ring_pending: Vec::new() }
     }
 }
 
@@ -76,6 +101,9 @@ struct Shared {
     inner: Mutex<Inner>,
     changed: Condvar,
     console: Mutex<Option<ConsoleHandle>>,
+    ring: Mutex<Option<RingHandle>>,
+    /// The REPL's polling window (microseconds), written at every `Hello`.
+    poll_us: AtomicU32,
 }
 
 /// One VM's channel. Cheap to clone.
@@ -103,12 +131,23 @@ impl Channel {
     /// A fork child's channel, continuing where its parent's stood when
     /// [`Channel::seed`] was taken.
     pub fn start_from(seed: &ChannelSeed) -> Self {
-        Self::with_inner(Inner { decoders: seed.decoders.clone(), next_stream: seed.next_stream, ..Default::default() })
+        Self::with_inner(Inner {
+            decoders: seed.decoders.clone(),
+            next_stream: seed.next_stream,
+            ring_seed: seed.ring_pending.clone(),
+            ..Default::default()
+        })
     }
 
     fn with_inner(inner: Inner) -> Self {
         Channel {
-            shared: Arc::new(Shared { inner: Mutex::new(inner), changed: Condvar::new(), console: Mutex::new(None) }),
+            shared: Arc::new(Shared {
+                inner: Mutex::new(inner),
+                changed: Condvar::new(),
+                console: Mutex::new(None),
+                ring: Mutex::new(None),
+                poll_us: AtomicU32::new(DEFAULT_POLL_US),
+            }),
         }
     }
 
@@ -116,7 +155,37 @@ impl Channel {
     /// thread held, so no guest bytes arrive meanwhile.
     pub fn seed(&self) -> ChannelSeed {
         let inner = lock(&self.shared.inner);
-        ChannelSeed { decoders: inner.decoders.clone(), next_stream: inner.next_stream }
+        let ring_pending = match lock(&self.shared.ring).as_ref() {
+            Some(r) => r.pending(),
+            None => inner.ring_seed.clone(),
+        };
+        ChannelSeed { decoders: inner.decoders.clone(), next_stream: inner.next_stream, ring_pending }
+    }
+
+    /// The ring's host side: guest bytes, wake-ups and failures.
+    pub fn ring_peer(&self) -> Box<dyn RingPeer> {
+        Box::new(RingSide(self.clone()))
+    }
+
+    /// Connects the ring's host-side handle; bytes a fork's parent had not
+    /// yet put in its ring go first.
+    pub fn attach_ring(&self, ring: RingHandle) {
+        let seed = std::mem::take(&mut lock(&self.shared.inner).ring_seed);
+        if !seed.is_empty() {
+            ring.send(&seed);
+        }
+        *lock(&self.shared.ring) = Some(ring);
+    }
+
+    /// How long the REPL keeps polling its ring after a request
+    /// (microseconds); takes effect at the next `Hello`.
+    pub fn set_poll_window(&self, micros: u32) {
+        self.shared.poll_us.store(micros, Ordering::Relaxed);
+    }
+
+    /// Whether Python execs go through the ring (the REPL serves it).
+    pub fn uses_ring(&self) -> bool {
+        lock(&self.shared.ring).as_ref().is_some_and(RingHandle::attached)
     }
 
     /// The callback the console device calls with guest bytes.
@@ -134,7 +203,7 @@ impl Channel {
     /// thread). Asks the console to pause the port when a stream is full.
     fn on_guest_bytes(&self, port: u32, bytes: &[u8]) -> SinkFlow {
         let mut inner = lock(&self.shared.inner);
-        let Some(idx) = usize::try_from(port).ok().filter(|p| *p < PORTS) else { return SinkFlow::Continue };
+        let Some(idx) = usize::try_from(port).ok().filter(|p| *p < SOURCES) else { return SinkFlow::Continue };
         inner.decoders[idx].push(bytes);
         let mut flow = SinkFlow::Continue;
         loop {
@@ -153,8 +222,19 @@ impl Channel {
                 flow = SinkFlow::Pause;
             }
         }
+        // An exec's end may come on the console too (an exec cancelled
+        // before it ran): either way the ring learns how many still run.
+        self.ring_busy(&mut inner);
         self.shared.changed.notify_all();
         flow
+    }
+
+    /// Tells the ring how many of its requests are still running.
+    fn ring_busy(&self, inner: &mut Inner) {
+        inner.ring_streams.retain(|id| inner.streams.contains_key(id));
+        if let Some(r) = lock(&self.shared.ring).as_ref() {
+            r.set_busy(inner.ring_streams.len());
+        }
     }
 
     /// Marks the channel failed: every open stream ends with `Failed`.
@@ -168,6 +248,7 @@ impl Channel {
             for (_, tx) in inner.streams.drain() {
                 tx.push(ExecChunk::Failed(reason.to_string()));
             }
+            self.ring_busy(&mut inner);
         }
         if let Some(c) = lock(&self.shared.console).as_ref() {
             c.close();
@@ -244,10 +325,18 @@ impl Channel {
                 .unwrap_or(0),
             entropy_hex: host_entropy_hex(),
             disk_bytes: None,
+            ring_generation: None,
         };
         for port in 0..PORTS as u32 {
             let mut frame = Vec::new();
-            if port == podflare_proto::AGENT_PORT && disk_bytes.is_some() {
+            if port == podflare_proto::REPL_PORT {
+                // A new generation before the Hello that names it: the REPL
+                // runs ring requests only once it has handled this Hello.
+                let ring = lock(&self.shared.ring).clone();
+                let ring_generation = ring.map(|r| r.next_generation(self.shared.poll_us.load(Ordering::Relaxed)));
+                encode_json(&mut frame, Kind::Hello, 0, &Hello { ring_generation, ..hello.clone() });
+                self.send(port, &frame)?;
+            } else if port == podflare_proto::AGENT_PORT && disk_bytes.is_some() {
                 let seen = self.ready_count(port as usize);
                 encode_json(&mut frame, Kind::Hello, 0, &Hello { disk_bytes, ..hello.clone() });
                 self.send(port, &frame)?;
@@ -279,7 +368,11 @@ impl Channel {
         let weak: Weak<Shared> = Arc::downgrade(&self.shared);
         tx.on_drain(move || {
             if let Some(shared) = weak.upgrade() {
-                if let Some(c) = lock(&shared.console).as_ref() {
+                if port as usize == RING {
+                    if let Some(r) = lock(&shared.ring).as_ref() {
+                        r.resume();
+                    }
+                } else if let Some(c) = lock(&shared.console).as_ref() {
                     c.resume_tx(port);
                 }
             }
@@ -305,9 +398,14 @@ impl Channel {
 
     /// Starts an exec: Python on the REPL port, bash on the agent port.
     pub fn exec(&self, language: Language, code: &str) -> Result<StreamRx<ExecChunk>, ChannelError> {
-        let port = match language {
-            Language::Python => podflare_proto::REPL_PORT,
-            Language::Bash => podflare_proto::AGENT_PORT,
+        let ring = match language {
+            Language::Python => lock(&self.shared.ring).clone().filter(RingHandle::attached),
+            Language::Bash => None,
+        };
+        let port = match (language, &ring) {
+            (Language::Python, Some(_)) => RING as u32,
+            (Language::Python, None) => podflare_proto::REPL_PORT,
+            (Language::Bash, _) => podflare_proto::AGENT_PORT,
         };
         let (stream, rx) = self.open_stream(port)?;
         // Checked here too (the API refuses such code first): the encoder
@@ -318,7 +416,16 @@ impl Channel {
             Err(ChannelError::Failed(format!("exec request of {} bytes is over the frame limit", payload.len())))
         } else {
             encode(&mut frame, Kind::Exec, stream, &payload);
-            self.send(port, &frame)
+            match &ring {
+                Some(r) => {
+                    let mut inner = lock(&self.shared.inner);
+                    inner.ring_streams.insert(stream);
+                    r.send(&frame);
+                    self.ring_busy(&mut inner);
+                    Ok(())
+                }
+                None => self.send(port, &frame),
+            }
         };
         if let Err(e) = sent {
             lock(&self.shared.inner).streams.remove(&stream);
@@ -378,6 +485,30 @@ impl Channel {
             inner = self.shared.changed.wait_timeout(inner, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
         Ok(())
+    }
+}
+
+/// The ring's view of its channel.
+struct RingSide(Channel);
+
+impl RingPeer for RingSide {
+    fn deliver(&mut self, bytes: &[u8]) -> SinkFlow {
+        self.0.on_guest_bytes(RING as u32, bytes)
+    }
+
+    fn wake_guest(&mut self) {
+        let mut frame = Vec::new();
+        encode(&mut frame, Kind::Wake, 0, &[]);
+        if let Some(c) = lock(&self.0.shared.console).as_ref() {
+            // A full port means the REPL has not read its console for a long
+            // while; the wake-up is dropped, as the REPL looks at its ring
+            // whenever it reads the port.
+            c.try_send(podflare_proto::REPL_PORT, &frame);
+        }
+    }
+
+    fn fail(&mut self, why: &str) {
+        self.0.fail(why);
     }
 }
 

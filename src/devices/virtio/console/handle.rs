@@ -105,6 +105,27 @@ impl ConsoleHandle {
         }
     }
 
+    /// Queues `bytes` for the guest on `port` only if they all fit now:
+    /// never blocks, so the device thread may use it. False: not queued.
+    pub fn try_send(&self, port: u32, bytes: &[u8]) -> bool {
+        let mut st = self.shared.lock();
+        let limit = self.shared.limit;
+        let closed = st.closed;
+        let queued = match st.ports.get_mut(port as usize) {
+            Some(p) if !closed && p.partial == 0 && p.pending.len() + bytes.len() <= limit => {
+                p.pending.extend(bytes);
+                true
+            }
+            _ => false,
+        };
+        drop(st);
+        if queued {
+            // Counter overflow is the only failure, and means already kicked.
+            let _ = self.shared.kick.write(1);
+        }
+        queued
+    }
+
     /// Whether the guest has `port` open.
     pub fn guest_opened(&self, port: u32) -> bool {
         self.shared
