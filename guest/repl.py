@@ -135,7 +135,6 @@ RING_SLEEP, RING_GENERATION, RING_POLL_US = 0x08, 0x10, 0x14
 RING_H2G_HEAD, RING_H2G_TAIL, RING_G2H_HEAD, RING_G2H_TAIL = 0x40, 0x48, 0x80, 0x88
 RING_H2G_DATA, RING_H2G_SIZE = 0x10_0000, 0x10_0000
 RING_G2H_DATA, RING_G2H_SIZE = 0x20_0000, 0x20_0000
-RING_DEFAULT_POLL_US = 10_000
 U64 = (1 << 64) - 1
 
 
@@ -191,8 +190,8 @@ class Ring:
         self.magic.value = RING_MAGIC
 
     def window(self):
-        us = self.poll_us.value
-        return (us if us else RING_DEFAULT_POLL_US) / 1e6
+        # hostd writes it with every Hello (PODFLARE_GUEST_POLL_MS); 0 sleeps at once.
+        return self.poll_us.value / 1e6
 
     def waiting(self):
         return self.h2g_head.value != self.taken

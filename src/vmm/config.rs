@@ -44,6 +44,11 @@ pub struct VmmConfig {
     /// when guests have dirtied so much that the host's available memory
     /// falls below this, the sandbox holding the most is destroyed.
     pub memory_floor_mib: u64,
+    /// `PODFLARE_GUEST_POLL_MS` (default 10, at most 1000): how long the
+    /// REPL keeps polling its shared-memory ring after a request before it
+    /// sleeps. Back-to-back execs inside it cost the guest no system call;
+    /// the guest's vCPU spins meanwhile. 0: sleep at once.
+    pub guest_poll: Duration,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
@@ -108,6 +113,10 @@ impl VmmConfig {
             max_sandboxes: env_or("PODFLARE_MAX_SANDBOXES", 1000)?,
             max_guest_memory_mib: env_or("PODFLARE_MAX_GUEST_MEMORY_MIB", host_mem_mib() * 4 / 5)?,
             memory_floor_mib: env_or("PODFLARE_MEMORY_FLOOR_MIB", (host_mem_mib() / 20).max(512))?,
+            guest_poll: match env_or("PODFLARE_GUEST_POLL_MS", 10u64)? {
+                ms @ 0..=1000 => Duration::from_millis(ms),
+                ms => return Err(format!("PODFLARE_GUEST_POLL_MS={ms}: from 0 to 1000")),
+            },
         })
     }
 

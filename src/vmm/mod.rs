@@ -136,6 +136,9 @@ pub struct VmStatus {
     channel: Channel,
     vm: String,
     label: Mutex<VmLabel>,
+    /// KVM_RUN returns that hostd handled (device accesses, halts): the
+    /// exits of a VM that reach user space, counted for benchmarks.
+    exits: std::sync::atomic::AtomicU64,
 }
 
 impl VmStatus {
@@ -146,6 +149,7 @@ impl VmStatus {
             vm: vm.to_string(),
             // Until labelled, lines go to stderr as text.
             label: Mutex::new(VmLabel { log: Logger::new(crate::config::LogFormat::Text), sandbox: None }),
+            exits: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -189,6 +193,16 @@ impl VmStatus {
         drop(s);
         self.channel.fail(&why);
         first
+    }
+
+    /// Counts one exit that reached hostd.
+    pub fn count_exit(&self) {
+        self.exits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Exits that reached hostd so far (all vCPUs).
+    pub fn exits(&self) -> u64 {
+        self.exits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Why the VM stopped, if it did.

@@ -377,6 +377,7 @@ impl VcpuLoop<'_> {
 /// What one KVM_RUN exit means. Device accesses complete here, before the
 /// next KVM_RUN, so a later pause never sees them half done.
 fn handle_exit(ctx: &VcpuContext, exit: VcpuExit<'_>) -> VcpuRunState {
+    ctx.status.count_exit();
     match exit {
         // 0xfe to the i8042 command port is how Linux reboots.
         VcpuExit::IoOut(0x64, [0xfe, ..]) => {

@@ -38,8 +38,17 @@ const RING: usize = PORTS;
 /// Frame sources: the console ports and the ring.
 const SOURCES: usize = PORTS + 1;
 /// How long the REPL polls its ring after a request before it sleeps, when
-/// nobody set it ([`Channel::set_poll_window`]).
+/// nobody set it ([`set_default_poll_window`], [`Channel::set_poll_window`]).
 pub const DEFAULT_POLL_US: u32 = 10_000;
+
+/// The polling window channels made from now on start with (microseconds).
+static POLL_US: AtomicU32 = AtomicU32::new(DEFAULT_POLL_US);
+
+/// Sets the REPL's polling window for every channel made from now on (the
+/// operator's `PODFLARE_GUEST_POLL_MS`); a 0 makes the REPL sleep at once.
+pub fn set_default_poll_window(window: Duration) {
+    POLL_US.store(u32::try_from(window.as_micros()).unwrap_or(u32::MAX), Ordering::Relaxed);
+}
 
 /// Channel failures.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -146,7 +155,7 @@ impl Channel {
                 changed: Condvar::new(),
                 console: Mutex::new(None),
                 ring: Mutex::new(None),
-                poll_us: AtomicU32::new(DEFAULT_POLL_US),
+                poll_us: AtomicU32::new(POLL_US.load(Ordering::Relaxed)),
             }),
         }
     }
