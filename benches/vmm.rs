@@ -7,7 +7,10 @@
 //! skipped without it), `PODFLARE_BENCH_COLD_BOOTS` (3), `PODFLARE_BENCH_IDLE_MAX`
 //! (1100: cap on the idle-density run), `PODFLARE_BENCH_QEMU` (path of
 //! scripts/qemu-boot; the QEMU figure is skipped without it), `PODFLARE_BENCH_ONLY`
-//! (comma list of setup,restore,memory,throughput,fork,spaces,http,pty,pool,idle,density,cold);
+//! (comma list of setup,restore,memory,throughput,ring,fork,spaces,http,sdk,pty,pool,idle,density,cold);
+//! `PODFLARE_BENCH_RING_MIB` (64: bytes each way in the ring throughput rows);
+//! `PODFLARE_BENCH_SDK_PYTHON` (a Python with the `podflare` SDK: the sdk
+//! rows are not measured without it);
 //! `PODFLARE_BENCH_SPACE_MIB` (100: state of the sandbox in the spaces rows);
 //! `PODFLARE_BENCH_FORK_MIB` (100: parent state in the fork rows),
 //! `PODFLARE_BENCH_FORK_RUNS` (5: runs per fork row);
@@ -46,6 +49,8 @@ mod fork;
 mod http;
 #[path = "vmm/memory.rs"]
 mod memory_rows;
+#[path = "vmm/ring.rs"]
+mod ring;
 #[path = "vmm/spaces.rs"]
 mod spaces;
 
@@ -716,10 +721,12 @@ fn main() {
     section(&mut b, "restore", &mut |b| bench_restore(b, &f));
     section(&mut b, "memory", &mut |b| memory_rows::bench_memory(b, &f, &cfg));
     section(&mut b, "throughput", &mut |b| bench_throughput(b, &f));
+    section(&mut b, "ring", &mut |b| ring::bench_ring(b, &f));
     section(&mut b, "fork", &mut |b| fork::bench_fork(b, &f));
     section(&mut b, "spaces", &mut |b| spaces::bench_spaces(b, &f));
     if let Ok(base) = std::env::var("PODFLARE_BENCH_HTTP") {
         section(&mut b, "http", &mut |b| http::bench_http(b, &base));
+        section(&mut b, "sdk", &mut |b| ring::bench_sdk_files(b, &base));
         section(&mut b, "pty", &mut |b| http::bench_pty(b, &base));
     }
     section(&mut b, "pool", &mut |b| bench_pool(b, &cfg));

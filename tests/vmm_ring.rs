@@ -60,24 +60,8 @@ fn outcome(g: &dyn Guest, code: &str) -> Result<(String, i32), String> {
     }
 }
 
-/// Context switches of the REPL's threads so far (each wake-up of a thread
-/// blocked in a system call is one; this guest kernel keeps no per-task
-/// system call count) and the guest's interrupts, for an exec to print.
-const COUNTERS: &str = r#"
-import os
-def _counts():
-    switches = 0
-    for t in os.listdir('/proc/self/task'):
-        for line in open('/proc/self/task/%s/status' % t):
-            if line.endswith('ctxt_switches:\t' + line.split('\t')[-1]) and 'ctxt_switches' in line:
-                switches += int(line.split()[-1])
-    irq = 0
-    for line in open('/proc/interrupts'):
-        p = line.split()
-        if p and p[0].endswith(':'):
-            irq += sum(int(x) for x in p[1:] if x.isdigit())
-    return switches, irq
-"#;
+/// Defines `_counts()` in the REPL: context switches and interrupts.
+const COUNTERS: &str = include_str!("guest/ring_counters.py");
 
 /// User code that maps the ring region itself (the guest is root in its
 /// sandbox: nothing stops it) and does `act` to it, then gives hostd time
