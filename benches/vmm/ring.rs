@@ -79,17 +79,29 @@ pub fn bench_ring(b: &mut Bench, f: &VmFactory) {
         1,
     );
     // Host -> guest: the exec request itself (the frame limit is 64 MiB
-    // with its JSON, so a little less), held as one string by the REPL.
+    // with its JSON, so a little less): a comment, which the REPL's JSON
+    // parse and compile pass over at native speed.
     let inbound = (mib << 20) - (64 << 10);
-    let code = format!("_n = len('{}')", "x".repeat(inbound));
+    let code = format!("pass  # {}", "x".repeat(inbound));
     let t = Instant::now();
     py_ok(&g, &code, "inbound");
-    let d = t.elapsed();
+    let d = t.elapsed().as_secs_f64();
+    // What the REPL spends on such a request once it has all of it.
+    let (_, parse) = py_out(
+        &g,
+        &format!(
+            "import json, time\ns = 'pass  # ' + 'x' * {inbound}\nj = json.dumps({{'language': 'python', 'code': s}}).encode()\n\
+             t = time.perf_counter()\ncompile(json.loads(j)['code'], '<exec>', 'exec')\nprint(time.perf_counter() - t)"
+        ),
+        "parse",
+    );
+    let parse: f64 = parse.trim().parse().unwrap_or(f64::NAN);
+    let in_mib = inbound as f64 / (1 << 20) as f64;
     b.row(
-        &format!("ring throughput host -> guest, a {:.1} MiB exec request", inbound as f64 / (1 << 20) as f64),
-        format!("{:.0} MiB/s", inbound as f64 / (1 << 20) as f64 / d.as_secs_f64()),
+        &format!("ring throughput host -> guest, a {in_mib:.1} MiB exec request"),
+        format!("{:.0} MiB/s", in_mib / (d - parse)),
         ">= 100 MiB/s",
-        &format!("{:.3} s, including the REPL's JSON parse and compile of the code", d.as_secs_f64()),
+        &format!("{:.3} s in all, less the REPL's JSON parse and compile of it ({parse:.3} s, native speed)", d),
         1,
     );
 

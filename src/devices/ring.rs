@@ -213,8 +213,10 @@ impl Ring {
             if n > 0 {
                 let (a, b) = pending.as_slices();
                 let first = n.min(a.len());
-                let chunk: Vec<u8> = a[..first].iter().chain(&b[..n - first]).copied().collect();
-                if write_ring(&self.mem, layout::H2G_DATA, layout::H2G_SIZE, self.h2g_head, &chunk).is_err() {
+                let second_at = self.h2g_head.wrapping_add(first as u64);
+                let wrote = write_ring(&self.mem, layout::H2G_DATA, layout::H2G_SIZE, self.h2g_head, &a[..first])
+                    .and_then(|()| write_ring(&self.mem, layout::H2G_DATA, layout::H2G_SIZE, second_at, &b[..n - first]));
+                if wrote.is_err() {
                     drop(pending);
                     return self.fail("the REPL ring is outside guest memory");
                 }

@@ -347,8 +347,8 @@ impl DeviceManager {
     /// Starts the VM's device thread: it waits on the queue notifiers and
     /// host kicks and runs the device code for each, until `stop` is
     /// written. After each batch it polls the ring; while the ring is busy
-    /// it keeps polling (a short spin, then naps growing to
-    /// [`RING_NAP_MAX`]), and otherwise it sleeps until an event. Guest-facing code runs here, so a panic is caught and fails
+    /// it keeps polling (see [`ring_nap`]), and otherwise it sleeps until
+    /// an event. Guest-facing code runs here, so a panic is caught and fails
     /// only this VM, and the thread installs its seccomp filter first (an
     /// error is returned once it is known, and the thread has ended).
     pub fn spawn_thread(
@@ -387,10 +387,10 @@ impl DeviceManager {
                 let body = std::panic::AssertUnwindSafe(|| {
                     let mut events = vec![EpollEvent::default(); 16];
                     let mut ring_busy = false;
-                    let mut quiet_polls = 0u32;
+                    let mut quiet_since = std::time::Instant::now();
                     loop {
                         if ring_busy {
-                            if let Some(nap) = ring_nap(quiet_polls) {
+                            if let Some(nap) = ring_nap(quiet_since.elapsed()) {
                                 std::thread::sleep(nap);
                             }
                         }
@@ -418,7 +418,9 @@ impl DeviceManager {
                         }
                         let polled = lock(&ring).poll();
                         ring_busy = polled.busy;
-                        quiet_polls = if polled.moved || n > 0 { 0 } else { quiet_polls.saturating_add(1) };
+                        if polled.moved || n > 0 {
+                            quiet_since = std::time::Instant::now();
+                        }
                     }
                 });
                 if std::panic::catch_unwind(body).is_err() {
@@ -441,20 +443,23 @@ impl DeviceManager {
     }
 }
 
-/// Polls of a busy ring with nothing moving before the device thread
-/// starts to nap between polls (a few microseconds each).
-const RING_SPIN_POLLS: u32 = 64;
 /// The longest nap between polls of a busy ring: the most a silent exec's
 /// next output waits for the host, and ~1,000 cheap wake-ups a second per
 /// running exec. A ring with nothing running is not polled at all.
 pub const RING_NAP_MAX: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The nap before the next poll of a busy ring that moved nothing for
-/// `quiet` polls: none while spinning, then 20 us doubling up to the cap.
-fn ring_nap(quiet: u32) -> Option<std::time::Duration> {
-    let past = quiet.checked_sub(RING_SPIN_POLLS)?;
-    let nap = std::time::Duration::from_micros(20u64 << past.min(10));
-    Some(nap.min(RING_NAP_MAX))
+/// `quiet`: none for the first 100 us (a short exec's answer is that
+/// close), 50 us naps until 2 ms (one costs the host a few microseconds),
+/// then naps growing to [`RING_NAP_MAX`] for execs that run long.
+fn ring_nap(quiet: std::time::Duration) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let us = quiet.as_micros();
+    match us {
+        0..100 => None,
+        100..2_000 => Some(Duration::from_micros(50)),
+        _ => Some(Duration::from_micros((us / 4) as u64).min(RING_NAP_MAX)),
+    }
 }
 
 fn wrong_kind(slot: DeviceSlot) -> VmmError {
@@ -481,6 +486,15 @@ fn virtio(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_ring_is_polled_at_once_then_in_short_then_longer_naps() {
+        use std::time::Duration;
+        assert_eq!(ring_nap(Duration::from_micros(10)), None);
+        assert_eq!(ring_nap(Duration::from_millis(1)), Some(Duration::from_micros(50)));
+        assert_eq!(ring_nap(Duration::from_millis(3)), Some(Duration::from_micros(750)));
+        assert_eq!(ring_nap(Duration::from_secs(60)), Some(RING_NAP_MAX));
+    }
 
     #[test]
     fn table_has_no_overlaps_and_distinct_lines() {
