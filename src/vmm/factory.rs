@@ -79,8 +79,40 @@ fn raise_map_count(log: &crate::obs::Logger) {
 }
 
 struct Pool {
-    ready: Mutex<HashMap<String, Vec<Vm>>>,
+    ready: Mutex<HashMap<String, Vec<PooledVm>>>,
     wake: Condvar,
+}
+
+/// A restored VM waiting in the pool.
+struct PooledVm {
+    vm: Vm,
+    /// It had its own `Hello` and one exec while pooled ([`warm_pooled`]).
+    greeted: bool,
+}
+
+/// How long the pool filler waits for a pooled VM's warm-up.
+const POOL_WARM_WAIT: Duration = Duration::from_secs(120);
+
+/// Gives a pooled VM its `Hello` (its own clock and entropy, as every copy
+/// gets) and one exec, so a create that takes it finds a guest past the
+/// first work of a restored kernel (~0.1-0.2 s of emulated kernel here) and
+/// its first output comes as fast as any warm exec's.
+fn warm_pooled(vm: &Vm, wait: Duration) -> Result<(), String> {
+    let ch = vm.channel();
+    ch.send_hello().map_err(|e| e.to_string())?;
+    for port in [podflare_proto::AGENT_PORT, podflare_proto::REPL_PORT] {
+        ch.wait_ready(port as usize, 0, wait).map_err(|e| e.to_string())?;
+    }
+    let rx = ch.exec(Language::Python, "pass").map_err(|e| e.to_string())?;
+    loop {
+        match rx.recv_timeout(wait) {
+            Ok(ExecChunk::Exit(0)) => return Ok(()),
+            Ok(ExecChunk::Exit(c)) => return Err(format!("warm-up exec exited {c}")),
+            Ok(ExecChunk::Failed(m)) => return Err(m),
+            Ok(_) => {}
+            Err(e) => return Err(format!("warm-up exec: {e}")),
+        }
+    }
 }
 
 struct Inner {
@@ -296,8 +328,16 @@ fn pool_filler(inner: std::sync::Weak<Inner>) {
             match me.restore(&name) {
                 Ok(vm) => {
                     ticket.admit();
+                    let greeted = match warm_pooled(&vm, POOL_WARM_WAIT) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            // The create that takes it sends its Hello then.
+                            me.cfg.log.warn("warm pool: warm-up failed", &[("template", json!(name)), ("cause", json!(e))]);
+                            false
+                        }
+                    };
                     let mut ready = me.pool.ready.lock().unwrap_or_else(|p| p.into_inner());
-                    ready.entry(name).or_default().push(vm);
+                    ready.entry(name).or_default().push(PooledVm { vm, greeted });
                 }
                 Err(e) => {
                     drop(ticket);
@@ -680,11 +720,13 @@ impl VmFactory {
             None
         };
         // From here the VM holds a place: a pooled one took it when pooled.
+        let mut greeted = false;
         let vm = match pooled {
-            Some(vm) => {
+            Some(p) => {
                 inner.counters.pool_hits.fetch_add(1, Ordering::Relaxed);
                 inner.pool.wake.notify_all();
-                vm
+                greeted = p.greeted;
+                p.vm
             }
             None => {
                 let ticket = inner.admission.reserve()?;
@@ -716,12 +758,15 @@ impl VmFactory {
             guest.vm.disk().set_limit(bytes);
         }
         // Fresh clock and entropy for this copy, queued ahead of any exec
-        // (after the disk is grown, when it is).
-        guest
-            .vm
-            .channel()
-            .send_hello_growing(disk_bytes, inner.cfg.boot_timeout)
-            .map_err(|e| GuestError::Failed(e.to_string()))?;
+        // (after the disk is grown, when it is). A warmed pooled VM had its
+        // own already; it gets another only to grow its disk.
+        if !greeted || disk_bytes.is_some() {
+            guest
+                .vm
+                .channel()
+                .send_hello_growing(disk_bytes, inner.cfg.boot_timeout)
+                .map_err(|e| GuestError::Failed(e.to_string()))?;
+        }
         inner.counters.created.fetch_add(1, Ordering::Relaxed);
         Ok(guest)
     }
