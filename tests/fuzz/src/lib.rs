@@ -10,6 +10,7 @@
 
 pub mod mutate;
 pub mod ops;
+pub mod ring;
 pub mod snapshot;
 pub mod virtio;
 

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use podflare_fuzz::snapshot::{expect_meta, frame, payload};
 use podflare_fuzz::ops::{self as virtio, Ops};
+use podflare_fuzz::ring::{self, RingOps, RingRig};
 use podflare_fuzz::virtio::{Kind, Rig, DATA_START};
 use podflare_fuzz::Reader;
 use podflare_hostd::devices::serial::{ConsoleLog, SerialDevice};
@@ -28,7 +29,7 @@ type Seeds = Vec<(&'static str, Vec<u8>)>;
 
 fn proto() -> Seeds {
     let mut a = vec![7u8];
-    let hello = Hello { wall_clock_ns: 1_700_000_000_000_000_000, entropy_hex: "00ff".repeat(8) };
+    let hello = Hello { wall_clock_ns: 1_700_000_000_000_000_000, entropy_hex: "00ff".repeat(8), ..Default::default() };
     encode_json(&mut a, FrameKind::Hello, 0, &hello);
     encode_json(&mut a, FrameKind::Exec, 1, &ExecRequest { language: Language::Python, code: "print(1)".into() });
     encode(&mut a, FrameKind::Stdout, 1, b"1\n");
@@ -153,12 +154,27 @@ fn snapshot_payload() -> Vec<u8> {
     serde_json::to_vec(&payload(DevicesState { devices })).unwrap()
 }
 
+/// Host bytes through the ring to the guest and guest frames back, polled
+/// in between: the data paths both ways.
+fn ring_ops() -> RingOps {
+    let mut frame = Vec::new();
+    encode(&mut frame, FrameKind::Stdout, 3, b"hello host");
+    let mut o = RingOps::default();
+    o.op(ring::OP_BUSY).0.u8(1);
+    o.op(ring::OP_SEND).blob(b"exec request");
+    o.op(ring::OP_POLL).op(ring::OP_GUEST_TAKE);
+    o.op(ring::OP_GUEST_PUT).blob(&frame);
+    o.op(ring::OP_POLL);
+    o
+}
+
 fn all() -> Vec<(&'static str, Seeds)> {
     let p = snapshot_payload();
     vec![
         ("proto_decoder", proto()),
         ("virtio_block", vec![("read_get_id", block_ops().bytes())]),
         ("virtio_console", vec![("handshake_io", console_ops().bytes())]),
+        ("ring", vec![("both_ways", ring_ops().bytes())]),
         ("http_request", http()),
         ("router", router()),
         ("snapshot_state", vec![("state_file", frame(&p)), ("payload", p)]),
@@ -216,6 +232,11 @@ fn device_seeds_reach_the_data_paths() {
     assert_eq!(&got[..], &want[..], "sector 1 was not read");
     let status: [u8; 2] = rig.mem.read_obj(GuestAddress(d + 0x1000)).unwrap();
     assert_eq!(status, [0, 0], "read and GET_ID did not both succeed");
+
+    let mut rig = RingRig::new();
+    rig.run(&mut Reader::new(&ring_ops().bytes()));
+    assert!(!rig.failed());
+    assert_eq!(rig.delivered(), 22, "the guest's frame did not reach the host");
 
     let mut rig = Rig::new(Kind::Console);
     rig.run(&mut Reader::new(&console_ops().bytes()));
