@@ -214,6 +214,61 @@ pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// An anonymous in-memory file (`memfd_create(2)`, close-on-exec).
+pub fn memfd(name: &str) -> io::Result<OwnedFd> {
+    let n = cstr(name)?;
+    // SAFETY: NUL-terminated name that outlives the call; the fd is fresh.
+    let fd = check(unsafe { libc::memfd_create(n.as_ptr(), libc::MFD_CLOEXEC) })?;
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Writes all of `buf` at offset 0 of `fd` (the file offset, shared with
+/// whoever reads the file, stays where it is).
+pub fn pwrite_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        // SAFETY: `rest` is valid readable memory of its length for the call.
+        let n = unsafe { libc::pwrite(fd, rest.as_ptr().cast(), rest.len(), done as libc::off_t) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Moves process `pid` to `SCHED_IDLE` (runs only when nothing else
+/// wants the CPU) or back to `SCHED_OTHER`.
+pub fn set_sched_idle(pid: libc::pid_t, idle: bool) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    let policy = if idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
+    // SAFETY: `param` is a valid sched_param for the call.
+    check(unsafe { libc::sched_setscheduler(pid, policy, &param) }).map(drop)
+}
+
+/// Four bytes from the kernel's CRNG (re-keyed by every Hello).
+pub fn random_u32() -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    // SAFETY: `b` is valid writable memory of 4 bytes for the call.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n != 4 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(u32::from_ne_bytes(b))
+}
+
 /// `poll(2)` retried on EINTR; `timeout_ms` < 0 waits forever.
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usize> {
     loop {
