@@ -34,9 +34,24 @@ struct Child {
     /// A prepared shell's status pipe: its EXIT trap reports `$?` there,
     /// before the (slow) exit of the process.
     status: Option<OwnedFd>,
+    /// A prepared shell's code file, to learn whether it died before it
+    /// took the exec (see `prepared::never_ran`).
+    code_file: Option<OwnedFd>,
     /// Closed when the exec is over.
     _keep: Vec<OwnedFd>,
 }
+
+/// How an exec's child ended as far as the agent is concerned.
+enum Ended {
+    /// Exit was sent.
+    Reported,
+    /// A prepared shell died before it took the code: nothing ran and
+    /// nothing was sent, so the exec runs again in another bash.
+    NeverRan,
+}
+
+/// Prepared shells tried for one exec (each found dead) before the spawn path.
+const MAX_DEAD_SHELLS: usize = 4;
 
 /// One running exec, as seen by the reader thread (Cancel, Stdin) and the
 /// reaper (exit status). Both wake the exec's thread through `wake`.
@@ -74,7 +89,11 @@ impl Running {
 impl Execs {
     /// Exec service writing to `port`, starting children with `env`,
     /// taking prepared shells from `pool` when it has one ready.
-    pub fn new(port: Arc<Port>, env: Vec<String>, pool: Option<Arc<Pool>>) -> io::Result<Arc<Self>> {
+    pub fn new(
+        port: Arc<Port>,
+        env: Vec<String>,
+        pool: Option<Arc<Pool>>,
+    ) -> io::Result<Arc<Self>> {
         let devnull = sys::open("/dev/null", libc::O_RDWR)?;
         Ok(Arc::new(Self {
             port,
@@ -184,18 +203,35 @@ impl Execs {
 
     fn run(&self, stream: u32, run: &Arc<Running>, code: &str) -> io::Result<()> {
         let want_stdin = run.lock().stdin.is_some();
-        let child = match self.start_prepared(run, code, want_stdin) {
-            Some(child) => child,
-            None => self.spawn_bash(run, code, want_stdin)?,
-        };
-        {
-            let mut st = run.lock();
-            st.pid = Some(child.pid);
-            if st.cancelled {
-                sys::kill_group(child.pid, libc::SIGKILL);
+        let mut dead_shells = 0;
+        let result = loop {
+            let prepared = if dead_shells < MAX_DEAD_SHELLS {
+                self.start_prepared(run, code, want_stdin)
+            } else {
+                None
+            };
+            let child = match prepared {
+                Some(child) => child,
+                None => self.spawn_bash(run, code, want_stdin)?,
+            };
+            {
+                let mut st = run.lock();
+                st.pid = Some(child.pid);
+                if st.cancelled {
+                    sys::kill_group(child.pid, libc::SIGKILL);
+                }
             }
-        }
-        let result = self.pump(stream, run, child);
+            match self.pump(stream, run, child) {
+                Ok(Ended::NeverRan) => {
+                    dead_shells += 1;
+                    let mut st = run.lock();
+                    st.exit = None;
+                    st.pid = None;
+                }
+                Ok(Ended::Reported) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
         // The refill starts only now, after this exec's Exit went out (it
         // runs at idle priority, so it does not slow the next exec either).
         if let Some(pool) = &self.pool {
@@ -212,9 +248,8 @@ impl Execs {
         }
         // A fresh seed per exec: every copy of the template holds the same
         // prepared shells, and so the same `RANDOM` state.
-        let seed = sys::random_u32().unwrap_or_else(|_| {
-            (sys::realtime_ns() as u32) ^ ((sys::realtime_ns() >> 32) as u32)
-        });
+        let seed = sys::random_u32()
+            .unwrap_or_else(|_| (sys::realtime_ns() as u32) ^ ((sys::realtime_ns() >> 32) as u32));
         while let Some(shell) = pool.take() {
             let notify = run.clone();
             let on_exit: spawn::OnExit = Box::new(move |code| {
@@ -223,8 +258,7 @@ impl Execs {
             });
             // A shell that died while it waited: try the next one.
             if let Ok(started) = shell.start(code, want_stdin, seed, on_exit) {
-                let [go, code_file] = started.keep;
-                let mut keep = vec![go, code_file];
+                let mut keep = vec![started.go];
                 let stdin = if want_stdin {
                     Some(started.stdin)
                 } else {
@@ -237,6 +271,7 @@ impl Execs {
                     err: started.err,
                     stdin,
                     status: Some(started.status),
+                    code_file: Some(started.code),
                     _keep: keep,
                 });
             }
@@ -285,18 +320,20 @@ impl Execs {
             err: err_r,
             stdin: stdin_w,
             status: None,
+            code_file: None,
             _keep: Vec::new(),
         })
     }
 
     /// Moves the exec's output to the port and stdin to the child until the
     /// exit status is known, then sends the rest of the output and Exit.
-    fn pump(&self, stream: u32, run: &Arc<Running>, child: Child) -> io::Result<()> {
+    fn pump(&self, stream: u32, run: &Arc<Running>, child: Child) -> io::Result<Ended> {
         let Child {
             out,
             err,
             stdin: mut stdin_w,
-            status: mut status_r,
+            status: status_r,
+            code_file,
             _keep,
             ..
         } = child;
@@ -315,7 +352,12 @@ impl Execs {
                 pollfd(fd_of(&open[1]), libc::POLLIN),
                 pollfd(run.wake.as_raw_fd(), libc::POLLIN),
                 pollfd(stdin_fd, libc::POLLOUT),
-                pollfd(fd_of(&status_r), libc::POLLIN),
+                // Kept open after a garbled report, just not read: closing
+                // it would kill the shell with SIGPIPE when its trap writes.
+                pollfd(
+                    if status.gone { -1 } else { fd_of(&status_r) },
+                    libc::POLLIN,
+                ),
             ];
             sys::poll(&mut pfd, -1)?;
             // The trap's report: the exit status, while the process may
@@ -331,9 +373,6 @@ impl Execs {
                         // EXIT trap, or a signal killed the shell): the
                         // reaper's status decides.
                         _ => status.gone = true,
-                    }
-                    if status.gone {
-                        status_r = None;
                     }
                 }
             }
@@ -377,6 +416,13 @@ impl Execs {
             };
             // The reaper's status, when it is there, is the process's own
             // (a catchable signal runs the EXIT trap with a stale `$?`).
+            if reported.is_none() && exit.is_some() {
+                if let Some(file) = &code_file {
+                    if prepared::never_ran(file) {
+                        return Ok(Ended::NeverRan);
+                    }
+                }
+            }
             if let Some(code) = exit.or(reported) {
                 // The child is gone. What it wrote before exiting is already
                 // in the pipes: take it without blocking (a background process
@@ -391,7 +437,7 @@ impl Execs {
                 tail.resize(start + HEADER_LEN + 4, 0);
                 put_header(&mut tail[start..], Kind::Exit, stream, 4);
                 tail[start + HEADER_LEN..].copy_from_slice(&code.to_le_bytes());
-                return self.port.write_raw(&tail);
+                return self.port.write_raw(&tail).map(|()| Ended::Reported);
             }
         }
     }

@@ -217,7 +217,10 @@ impl Shell {
         on_exit: spawn::OnExit,
     ) -> io::Result<StartedShell> {
         if self.exited() {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "prepared shell exited"));
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "prepared shell exited",
+            ));
         }
         sys::pwrite_all(
             self.code.as_raw_fd(),
@@ -250,7 +253,8 @@ impl Shell {
             err: self.err,
             status: self.status,
             stdin: self.stdin,
-            keep: [self.go, self.code],
+            go: self.go,
+            code: self.code,
         })
     }
 }
@@ -267,9 +271,22 @@ pub struct StartedShell {
     pub status: OwnedFd,
     /// Write end of its stdin pipe (non-blocking).
     pub stdin: OwnedFd,
-    /// The go pipe and code file, closed when the exec is over (not
-    /// before its Exit: each close is a syscall).
-    pub keep: [OwnedFd; 2],
+    /// Write end of the go pipe; kept until the exec is over (each close
+    /// is a syscall, better spent after the Exit).
+    pub go: OwnedFd,
+    /// The code file; see [`never_ran`].
+    pub code: OwnedFd,
+}
+
+/// Whether a shell that has died never read its code file: it was killed
+/// while it waited, after the pool handed it out, so nothing of the exec
+/// ran and the exec can run elsewhere. Its `read` moves the file offset it
+/// shares with the agent's descriptor (the agent writes with `pwrite`,
+/// which leaves the offset alone). The go byte cannot tell: a killed
+/// shell that had not run yet still takes a byte written before it runs.
+/// Asked only once the reaper has the shell's status.
+pub fn never_ran(code_file: &OwnedFd) -> bool {
+    matches!(sys::file_offset(code_file.as_raw_fd()), Ok(0))
 }
 
 /// The shells ready for execs, and the thread that refills them.
@@ -363,10 +380,7 @@ impl Pool {
                     if ready.len() < self.target {
                         break;
                     }
-                    ready = self
-                        .changed
-                        .wait(ready)
-                        .unwrap_or_else(|e| e.into_inner());
+                    ready = self.changed.wait(ready).unwrap_or_else(|e| e.into_inner());
                 }
             }
             match Shell::spawn(&self.env, &devnull) {
@@ -399,10 +413,24 @@ mod tests {
         assert_eq!(r.push(b"1"), None);
         assert_eq!(r.push(b"37\n"), Some(137));
         for ok in [&b"0\n"[..], b"255\n", b"3\nrest"] {
-            let expect = std::str::from_utf8(ok).unwrap().lines().next().unwrap().parse().ok();
+            let expect = std::str::from_utf8(ok)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap()
+                .parse()
+                .ok();
             assert_eq!(StatusReader::default().push(ok), expect);
         }
-        for bad in [&b"256\n"[..], b"-1\n", b"\n", b"x\n", b" 3\n", b"123456789", b"\xff\n"] {
+        for bad in [
+            &b"256\n"[..],
+            b"-1\n",
+            b"\n",
+            b"x\n",
+            b" 3\n",
+            b"123456789",
+            b"\xff\n",
+        ] {
             let mut r = StatusReader::default();
             assert_eq!(r.push(bad), None, "{bad:?}");
             assert!(r.gone, "{bad:?}");

@@ -246,11 +246,25 @@ pub fn pwrite_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// The file offset of `fd` (`lseek(fd, 0, SEEK_CUR)`).
+pub fn file_offset(fd: RawFd) -> io::Result<u64> {
+    // SAFETY: plain syscall on a descriptor number; no memory involved.
+    let off = unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) };
+    if off < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(off as u64)
+}
+
 /// Moves process `pid` to `SCHED_IDLE` (runs only when nothing else
 /// wants the CPU) or back to `SCHED_OTHER`.
 pub fn set_sched_idle(pid: libc::pid_t, idle: bool) -> io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
-    let policy = if idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
     // SAFETY: `param` is a valid sched_param for the call.
     check(unsafe { libc::sched_setscheduler(pid, policy, &param) }).map(drop)
 }
@@ -386,9 +400,15 @@ mod clock_tests {
     #[test]
     fn a_clock_just_ahead_of_the_hosts_send_time_is_kept() {
         let sent = 1_700_000_000_000_000_000;
-        assert!(!clock_needs_setting(sent + 300_000_000, sent), "transit time is not an error");
+        assert!(
+            !clock_needs_setting(sent + 300_000_000, sent),
+            "transit time is not an error"
+        );
         assert!(clock_needs_setting(sent - 1, sent), "behind the host: set");
-        assert!(clock_needs_setting(sent + 3_000_000_000, sent), "far ahead: set");
+        assert!(
+            clock_needs_setting(sent + 3_000_000_000, sent),
+            "far ahead: set"
+        );
         assert!(clock_needs_setting(0, sent), "never set: set");
     }
 }
