@@ -250,7 +250,7 @@ impl Execs {
         // prepared shells, and so the same `RANDOM` state.
         let seed = sys::random_u32()
             .unwrap_or_else(|_| (sys::realtime_ns() as u32) ^ ((sys::realtime_ns() >> 32) as u32));
-        while let Some(shell) = pool.take() {
+        while let Some(shell) = pool.take(prepared::SPAWN_WAIT) {
             let notify = run.clone();
             let on_exit: spawn::OnExit = Box::new(move |code| {
                 notify.lock().exit = Some(code);
@@ -305,6 +305,7 @@ impl Execs {
                 fds: &[child_stdin, out_w.as_raw_fd(), err_w.as_raw_fd()],
                 new_group: true,
                 terminal: None,
+                idle: false,
             },
             Box::new(move |code| {
                 notify.lock().exit = Some(code);

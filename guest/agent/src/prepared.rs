@@ -174,6 +174,9 @@ impl Shell {
                 ],
                 new_group: true,
                 terminal: None,
+                // Its start-up is background work: any exec runs first. The
+                // exec that takes the shell puts it back to normal priority.
+                idle: true,
             },
             Box::new(move |status| {
                 let notify = {
@@ -186,9 +189,6 @@ impl Shell {
                 }
             }),
         )?;
-        // Its start-up is background work: let any exec run first. The
-        // exec that takes the shell puts it back to normal priority.
-        let _ = sys::set_sched_idle(pid, true);
         Ok(Shell {
             pid,
             out,
@@ -293,10 +293,22 @@ pub fn never_ran(code_file: &OwnedFd) -> bool {
 pub struct Pool {
     env: Vec<String>,
     target: usize,
-    ready: Mutex<VecDeque<Shell>>,
-    /// Signalled when a refill is wanted, and when a shell was added.
+    state: Mutex<PoolState>,
+    /// Signalled when a refill is wanted, and when a spawn ended.
     changed: Condvar,
 }
+
+#[derive(Default)]
+struct PoolState {
+    ready: VecDeque<Shell>,
+    /// The filler is starting a shell (a process spawn: ~1 s on PVM).
+    spawning: bool,
+}
+
+/// How long an exec that finds no shell ready waits for the one the filler
+/// is spawning, rather than spawning a bash of its own beside it (two
+/// spawns at once on one vCPU take about as long each as both in turn).
+pub const SPAWN_WAIT: Duration = Duration::from_secs(5);
 
 impl Pool {
     /// A pool of `target` shells started with `env`; its filler thread
@@ -305,7 +317,7 @@ impl Pool {
         let pool = Arc::new(Pool {
             env,
             target,
-            ready: Mutex::new(VecDeque::new()),
+            state: Mutex::new(PoolState::default()),
             changed: Condvar::new(),
         });
         let filler = pool.clone();
@@ -320,20 +332,34 @@ impl Pool {
         pool
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Shell>> {
-        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A ready shell, if there is one. Does not start a refill: the caller
-    /// asks for one with [`Pool::refill`] once its exec has finished.
-    pub fn take(&self) -> Option<Shell> {
-        let mut ready = self.lock();
-        while let Some(shell) = ready.pop_front() {
-            if !shell.exited() {
-                return Some(shell);
+    /// A shell for an exec: a ready one, else the one being spawned (at
+    /// most `wait` for it), else `None`. A shell may still be in its
+    /// start-up: the exec then waits for that rest, still less than a
+    /// spawn. Does not start a refill: the caller asks for one with
+    /// [`Pool::refill`] once its exec has finished.
+    pub fn take(&self, wait: Duration) -> Option<Shell> {
+        let deadline = Instant::now() + wait;
+        let mut st = self.lock();
+        loop {
+            while let Some(shell) = st.ready.pop_front() {
+                if !shell.exited() {
+                    return Some(shell);
+                }
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !st.spawning || left.is_zero() {
+                return None;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
-        None
     }
 
     /// Asks the filler to bring the pool back to its target.
@@ -345,19 +371,19 @@ impl Pool {
     /// template snapshot has its shells. Returns how many are ready.
     pub fn wait_full(&self, limit: Duration) -> usize {
         let deadline = Instant::now() + limit;
-        let mut ready = self.lock();
-        while ready.len() < self.target {
+        let mut st = self.lock();
+        while st.ready.len() < self.target {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            ready = self
+            st = self
                 .changed
-                .wait_timeout(ready, left)
+                .wait_timeout(st, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        ready.len()
+        st.ready.len()
     }
 
     fn fill_forever(&self) {
@@ -373,31 +399,44 @@ impl Pool {
         let mut failures: u32 = 0;
         loop {
             {
-                let mut ready = self.lock();
+                let mut st = self.lock();
                 loop {
                     // Shells killed while they waited are of no use.
-                    ready.retain(|s| !s.exited());
-                    if ready.len() < self.target {
+                    st.ready.retain(|s| !s.exited());
+                    if st.ready.len() < self.target {
                         break;
                     }
-                    ready = self.changed.wait(ready).unwrap_or_else(|e| e.into_inner());
+                    st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
+                st.spawning = true;
             }
-            match Shell::spawn(&self.env, &devnull) {
-                Ok(shell) => {
-                    failures = 0;
-                    self.lock().push_back(shell);
-                    self.changed.notify_all();
-                }
-                Err(e) => {
-                    // No bash in the image, or out of descriptors: back off
-                    // so the (emulated, slow) guest kernel is not kept busy.
-                    failures = failures.saturating_add(1);
-                    if failures == 1 {
-                        console::line(&format!("podflare-agent: bash pool: {e}"));
+            let spawned = Shell::spawn(&self.env, &devnull);
+            // One lock for both, so a waiting exec never sees "not
+            // spawning" before the new shell is in the pool.
+            let failed = {
+                let mut st = self.lock();
+                st.spawning = false;
+                match spawned {
+                    Ok(shell) => {
+                        st.ready.push_back(shell);
+                        None
                     }
-                    std::thread::sleep(Duration::from_secs(u64::from(failures.min(6)).pow(2)));
+                    Err(e) => Some(e),
                 }
+            };
+            // Wakes execs waiting for this spawn (on a failure they take
+            // the spawn path) and `wait_full`.
+            self.changed.notify_all();
+            if let Some(e) = failed {
+                // No bash in the image, or out of descriptors: back off
+                // so the (emulated, slow) guest kernel is not kept busy.
+                failures = failures.saturating_add(1);
+                if failures == 1 {
+                    console::line(&format!("podflare-agent: bash pool: {e}"));
+                }
+                std::thread::sleep(Duration::from_secs(u64::from(failures.min(6)).pow(2)));
+            } else {
+                failures = 0;
             }
         }
     }
