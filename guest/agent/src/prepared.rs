@@ -23,7 +23,28 @@
 //! otherwise share the prepared shell's generator state), then the code.
 //!
 //! Refills run at `SCHED_IDLE` priority (so a refill never slows an exec)
-//! and start only after the exec that used a shell has sent its Exit.
+//! and start only after the exec that used a shell has sent its Exit. An
+//! exec that finds no shell ready waits for the one being spawned, else it
+//! spawns `bash -c CODE` as before; an exec never fails for want of a shell.
+//!
+//! What user code sees that differs from `bash -c CODE` (everything else,
+//! `$0`, `$LINENO`, `$SECONDS`, `$BASH_EXECUTION_STRING`, environment, cwd,
+//! process group, stdin, exit codes of `exit N` / `set -e` / a normal end,
+//! is the same):
+//! - syntax errors say `bash: eval: line N:` where `bash -c` says
+//!   `bash: -c: line N:` (same line numbers);
+//! - `trap` lists our EXIT trap; fd 3 (the status pipe) is open and
+//!   inherited; `/proc/$$/cmdline` is the bootstrap; `$_` starts as `__h`;
+//!   `ps` shows the other shells waiting;
+//! - a shell killed by a *catchable* signal it sends itself (`kill $$`,
+//!   TERM/HUP/INT) runs the EXIT trap with the last command's `$?` before
+//!   it dies, and that `$?` is reported instead of 128+N when it arrives
+//!   before the reaper's status. SIGKILL (Cancel, `kill -9`, OOM) reports
+//!   128+9 as before: the trap never runs and the reaper's status counts;
+//! - user code that writes a number line to fd 3 sets its own exec's
+//!   reported status; other bytes there are ignored (the reaper decides);
+//! - a user EXIT trap, `exec PROGRAM` or closing fd 3 makes the exec end
+//!   when the shell is reaped, as every exec did before.
 
 use crate::console;
 use crate::spawn::{self, Command};
