@@ -333,7 +333,7 @@ impl Execs {
             out,
             err,
             stdin: mut stdin_w,
-            status: status_r,
+            status: mut status_r,
             code_file,
             _keep,
             ..
@@ -374,6 +374,12 @@ impl Execs {
                         // EXIT trap, or a signal killed the shell): the
                         // reaper's status decides.
                         _ => status.gone = true,
+                    }
+                    // Hang up on a garbled report: a trap waiting for that
+                    // ends, one yet to write ignores SIGPIPE; either way
+                    // the reaper's status counts.
+                    if status.gone {
+                        status_r = None;
                     }
                 }
             }
@@ -438,7 +444,18 @@ impl Execs {
                 tail.resize(start + HEADER_LEN + 4, 0);
                 put_header(&mut tail[start..], Kind::Exit, stream, 4);
                 tail[start + HEADER_LEN..].copy_from_slice(&code.to_le_bytes());
-                return self.port.write_raw(&tail).map(|()| Ended::Reported);
+                let sent = self.port.write_raw(&tail);
+                if reported.is_some() && exit.is_none() {
+                    // The shell waits in its trap for us to hang up (when
+                    // `_keep` and the status socket close, right after
+                    // this): its exit then runs at idle priority, behind
+                    // the next exec. It is blocked, not reaped: the pid is
+                    // still its own.
+                    if let Some(pid) = run.lock().pid {
+                        let _ = sys::set_sched_idle(pid, true);
+                    }
+                }
+                return sent.map(|()| Ended::Reported);
             }
         }
     }

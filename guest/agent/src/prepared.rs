@@ -64,7 +64,14 @@ pub const POOL_TARGET: usize = 2;
 /// - the EXIT trap reports `$?` on fd 3. It points stdout at fd 3 with
 ///   `exec` (no save and restore of fd 1: the shell is exiting) after
 ///   closing stderr, so if the user's code closed fd 3 the failed
-///   redirection prints nothing and nothing lands in the user's output;
+///   redirection prints nothing and nothing lands in the user's output.
+///   Then it waits on fd 3 (a socket) until the agent hangs up after
+///   sending Exit: the shell's exit (its mm teardown, ~0.4 s of emulated
+///   kernel work on one vCPU) would otherwise compete with the agent's
+///   sending of that Exit; the agent moves it to `SCHED_IDLE` first.
+///   SIGPIPE is ignored there: an agent that hung up early (the user's
+///   code wrote garbage to fd 3) makes the write fail, not kill the shell,
+///   whose own exit status the reaper then reports;
 /// - wait for the go byte on fd 4;
 /// - read the code file into `BASH_EXECUTION_STRING` (what `bash -c` sets
 ///   it to), split off the header line;
@@ -75,7 +82,7 @@ pub const POOL_TARGET: usize = 2;
 /// The trailing comment marks the shell in `/proc/PID/cmdline` (the tests
 /// read it to know which path served an exec).
 pub const BOOTSTRAP: &str = concat!(
-    r#"trap '__s=$?; exec 2>&- 1>&3 && builtin echo $__s' EXIT; "#,
+    r#"trap '__s=$?; trap "" PIPE; exec 2>&- 1>&3 && builtin echo $__s && builtin read -r -n 1 -u 3 __s' EXIT; "#,
     r#"read -r -n 1 -u 4 __g; "#,
     r#"IFS= read -r -d '' -u 6 BASH_EXECUTION_STRING; "#,
     r#"__h=${BASH_EXECUTION_STRING%%$'\n'*}; "#,
@@ -169,7 +176,9 @@ impl Shell {
     fn spawn(env: &[String], devnull: &OwnedFd) -> io::Result<Shell> {
         let (out, out_w) = sys::pipe()?;
         let (err, err_w) = sys::pipe()?;
-        let (status, status_w) = sys::pipe()?;
+        // A socket pair, not a pipe: the trap waits on it for the agent to
+        // hang up once the exec's Exit is out (see BOOTSTRAP).
+        let (status, status_w) = sys::socketpair()?;
         let (go_r, go) = sys::pipe()?;
         let (stdin_r, stdin) = sys::pipe()?;
         let code = sys::memfd("podflare-bash-code")?;
@@ -288,7 +297,7 @@ pub struct StartedShell {
     pub out: OwnedFd,
     /// Read end of its stderr (non-blocking).
     pub err: OwnedFd,
-    /// Read end of its status pipe (non-blocking).
+    /// The agent's end of its status socket (non-blocking).
     pub status: OwnedFd,
     /// Write end of its stdin pipe (non-blocking).
     pub stdin: OwnedFd,

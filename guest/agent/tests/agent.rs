@@ -390,6 +390,9 @@ fn prepared_shells_serve_execs_without_carrying_state() {
     assert_eq!(a.run(16, "kill -9 $$").2, 137);
     // Writing garbage to fd 3 does not fake a status.
     assert_eq!(a.run(17, "echo junk >&3; exit 2").2, 2);
+    // A partial line there garbles the trap's own report: the agent hangs
+    // up, the trap's wait ends, the reaper's status counts.
+    assert_eq!(a.run(18, "printf x >&3; exit 5").2, 5);
 }
 
 #[test]
