@@ -31,7 +31,7 @@ struct Child {
     err: OwnedFd,
     /// Write end of its stdin, when the exec asked for stdin.
     stdin: Option<OwnedFd>,
-    /// A prepared shell's status pipe: its EXIT trap reports `$?` there,
+    /// A prepared shell's status socket: its EXIT trap reports `$?` there,
     /// before the (slow) exit of the process.
     status: Option<OwnedFd>,
     /// A prepared shell's code file, to learn whether it died before it

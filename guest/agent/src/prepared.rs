@@ -7,13 +7,13 @@
 //! exec takes one, writes its code into the shell's code file (a memfd: a
 //! `read` from a seekable file takes it in 4 KiB blocks, from a pipe it would
 //! be one byte per syscall), and writes one byte to the go pipe. The shell
-//! runs the code with `eval` and reports `$?` on its status pipe from an
+//! runs the code with `eval` and reports `$?` on its status socket from an
 //! EXIT trap; the exec's Exit goes out as soon as that status arrives, while
 //! the shell's exit (mm teardown, ~0.4 s) finishes in the background. A
 //! shell runs one exec and exits: no state carries from one exec to the next.
 //!
 //! Descriptors of a prepared shell (the agent keeps the other ends):
-//! 0 /dev/null, 1 stdout pipe, 2 stderr pipe, 3 status pipe (write end),
+//! 0 /dev/null, 1 stdout pipe, 2 stderr pipe, 3 status socket (the shell's end),
 //! 4 go pipe (read end), 5 stdin pipe (read end), 6 the code memfd. The
 //! bootstrap closes 4, 5 and 6 before the user's code runs (5 becomes 0
 //! first when the exec asked for stdin); 3 stays open for the EXIT trap.
@@ -33,7 +33,7 @@
 //! is the same):
 //! - syntax errors say `bash: eval: line N:` where `bash -c` says
 //!   `bash: -c: line N:` (same line numbers);
-//! - `trap` lists our EXIT trap; fd 3 (the status pipe) is open and
+//! - `trap` lists our EXIT trap; fd 3 (the status socket) is open and
 //!   inherited; `/proc/$$/cmdline` is the bootstrap; `$_` starts as `__h`;
 //!   `ps` shows the other shells waiting;
 //! - a shell killed by a *catchable* signal it sends itself (`kill $$`,
@@ -109,7 +109,7 @@ pub fn can_run(code: &str) -> bool {
 /// trap writes at most "255\n".
 const STATUS_MAX: usize = 8;
 
-/// What the status pipe has said so far.
+/// What the status socket has said so far.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct StatusReader {
     buf: Vec<u8>,
@@ -118,7 +118,7 @@ pub struct StatusReader {
 }
 
 impl StatusReader {
-    /// Feeds bytes read from the status pipe; returns the exit status once
+    /// Feeds bytes read from the status socket; returns the exit status once
     /// a whole line `0`..`255` has arrived. Anything else (a user's code
     /// writing to fd 3) makes the report unusable: the exit status then
     /// comes from the reaper, as for a shell that died without its trap.
@@ -158,7 +158,7 @@ pub struct Shell {
     pub out: OwnedFd,
     /// Read end of its stderr (non-blocking).
     pub err: OwnedFd,
-    /// Read end of its status pipe (non-blocking).
+    /// The agent's end of its status socket (non-blocking).
     pub status: OwnedFd,
     /// Write end of its stdin pipe (non-blocking).
     pub stdin: OwnedFd,
