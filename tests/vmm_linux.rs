@@ -104,6 +104,39 @@ fn restored_sandbox_runs_bash_and_python() {
     assert_eq!((bash_fail.stdout.as_str(), bash_fail.stderr.as_str(), bash_fail.code), ("out\n", "err\n", 7));
 }
 
+/// Which bash served an exec: the agent's prepared shells carry a marker
+/// at the end of their command line; a `bash -c CODE` spawned for the exec
+/// has the code there (so the marker is not spelled out in it).
+const SERVED_BY: &str =
+    "m=prepared; case $(tr -d '\\0' < /proc/$$/cmdline) in *\"podflare-agent $m shell\"*) echo prepared;; *) echo spawned;; esac";
+
+#[test]
+fn restored_sandboxes_run_bash_in_prepared_shells() {
+    let _vms = vm_tests_shared();
+    let Some(f) = factory() else { return };
+    let mut randoms = HashSet::new();
+    for _ in 0..2 {
+        let g = f.create_running(&spec()).expect("create");
+        // The template snapshot holds two prepared shells: the first two
+        // execs of every restored sandbox find them.
+        let first = run(&g, Language::Bash, &format!("X=1; echo $RANDOM$RANDOM; {SERVED_BY}")).stdout;
+        let lines: Vec<&str> = first.lines().collect();
+        assert_eq!(lines.len(), 2, "{first:?}");
+        assert_eq!(lines[1], "prepared", "the first exec spawned its bash");
+        assert!(randoms.insert(lines[0].to_string()), "two restored sandboxes printed the same $RANDOM: {first:?}");
+        // Each exec gets a fresh shell: nothing of the previous one is left.
+        assert_eq!(run(&g, Language::Bash, &format!("echo ${{X:-unset}}; {SERVED_BY}")).stdout, "unset\nprepared\n");
+        // Whichever bash serves them now (refills may still be starting):
+        // exit codes and errors as for `bash -c`.
+        let exit3 = collect(g.exec(Language::Bash, "echo out; exit 3").unwrap());
+        assert_eq!((exit3.stdout.as_str(), exit3.code), ("out\n", 3));
+        let syntax = collect(g.exec(Language::Bash, "echo a\nfi").unwrap());
+        assert_eq!((syntax.stdout.as_str(), syntax.code), ("a\n", 2));
+        assert!(syntax.stderr.contains("line 2: syntax error near unexpected token `fi'"), "{:?}", syntax.stderr);
+        assert_eq!(collect(g.exec(Language::Bash, "kill -9 $$").unwrap()).code, 137);
+    }
+}
+
 #[test]
 fn twenty_restored_sandboxes_are_isolated() {
     let _vms = vm_tests_shared();

@@ -15,6 +15,7 @@ mod env;
 mod exec;
 mod frames;
 mod port;
+mod prepared;
 mod pty;
 mod repl;
 mod selftest;
@@ -28,6 +29,11 @@ use std::time::{Duration, Instant};
 /// How long to wait for the port-0 device node before saying so on the console
 /// (then keep waiting: without a channel there is nothing else to do).
 const PORT_WAIT: Duration = Duration::from_secs(60);
+
+/// How long the boot Ready waits for the prepared bash shells (a bash
+/// start-up takes seconds on PVM; a pool still filling only costs the
+/// first execs the spawn path).
+const POOL_WAIT: Duration = Duration::from_secs(60);
 
 /// Test harness switch: serve port-0 frames on this inherited fd, skipping
 /// everything PID 1 does to the machine (mounts, hostname, clock, entropy,
@@ -73,15 +79,18 @@ fn main() {
         selftest::run(&env, t0);
     }
 
-    // 3. The Python REPL starts now (it takes seconds) while we open port 0.
+    // 3. Prepared bash shells start filling now, at idle priority.
+    let pool = prepared::Pool::start(env.clone(), prepared::POOL_TARGET);
+
+    // 4. The Python REPL starts now (it takes seconds) while we open port 0.
     let (ready_tx, ready_rx) = mpsc::channel();
     let repl_env = env.clone();
     spawn_named("repl", move || repl::supervise(repl_env, ready_tx));
 
-    // 4. Port 0.
+    // 5. Port 0.
     let port = open_port();
     let execs = loop {
-        match exec::Execs::new(port.clone(), env.clone()) {
+        match exec::Execs::new(port.clone(), env.clone(), Some(pool.clone())) {
             Ok(e) => break e,
             Err(e) => {
                 console::line(&format!("podflare-agent: exec service: {e}"));
@@ -98,8 +107,17 @@ fn main() {
     };
     spawn_named("port0", move || server.serve());
 
-    // 5. Ready once the REPL serves its port too.
+    // 6. Ready once the REPL serves its port too, and the bash pool is
+    // full: the template snapshot is taken after this, and every sandbox
+    // restored from it should find its prepared shells.
     let _ = ready_rx.recv();
+    let shells = pool.wait_full(POOL_WAIT);
+    if shells < prepared::POOL_TARGET {
+        console::line(&format!(
+            "podflare-agent: {shells} of {} prepared bash shells ready",
+            prepared::POOL_TARGET
+        ));
+    }
     console::line("podflare-agent: ready");
     if flags.debug {
         console::line(&format!(
@@ -121,7 +139,11 @@ fn serve_test_fd(fd: std::os::fd::RawFd) -> ! {
     let port = Arc::new(port::Port::new(unsafe {
         std::os::fd::OwnedFd::from_raw_fd(fd)
     }));
-    let execs = exec::Execs::new(port.clone(), env::child_env(false)).expect("/dev/null");
+    let pool = prepared::Pool::start(env::child_env(false), prepared::POOL_TARGET);
+    let execs = exec::Execs::new(port.clone(), env::child_env(false), Some(pool.clone()))
+        .expect("/dev/null");
+    // Like the boot Ready: tests start with a full pool.
+    pool.wait_full(POOL_WAIT);
     let server = serve::Server {
         port: port.clone(),
         execs,

@@ -260,6 +260,7 @@ impl Ptys {
                 fds: &[],
                 new_group: false,
                 terminal: Some(&slave),
+                idle: false,
             },
             Box::new(move |code| {
                 if let Some(s) = notify.upgrade() {

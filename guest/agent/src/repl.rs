@@ -83,6 +83,7 @@ fn run_once(env: &[String], ready: &mpsc::Sender<()>) -> std::io::Result<(bool, 
             ],
             new_group: true,
             terminal: None,
+            idle: false,
         },
         Box::new(move |code| {
             let _ = tx.send(code);

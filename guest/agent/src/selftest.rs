@@ -24,6 +24,7 @@ fn capture(program: &str, args: &[&str], env: &[String]) -> io::Result<(String, 
             fds: &[devnull.as_raw_fd(), w.as_raw_fd(), w.as_raw_fd()],
             new_group: true,
             terminal: None,
+            idle: false,
         },
         Box::new(move |code| {
             let _ = tx.send(code);
@@ -84,6 +85,7 @@ fn repl_roundtrip(env: &[String]) -> io::Result<(String, i32, Duration, Vec<Dura
             ],
             new_group: true,
             terminal: None,
+            idle: false,
         },
         Box::new(|_| {}),
     )?;

@@ -212,7 +212,9 @@ impl Server {
                 // for a size.
                 if let Some(bytes) = disk_bytes {
                     if let Err(e) = crate::boot::grow_disk(bytes) {
-                        crate::console::line(&format!("podflare-agent: growing the disk to {bytes} bytes failed: {e}"));
+                        crate::console::line(&format!(
+                            "podflare-agent: growing the disk to {bytes} bytes failed: {e}"
+                        ));
                     }
                 }
                 if wall_clock_ns > 0

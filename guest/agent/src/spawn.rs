@@ -51,6 +51,9 @@ pub struct Command<'a> {
     /// it as 0, which makes it the controlling terminal, copies it to 1 and
     /// 2, and closes every other descriptor. `fds` must then be empty.
     pub terminal: Option<&'a str>,
+    /// Start it at `SCHED_IDLE` (it runs only when nothing else wants the
+    /// CPU), from before its exec: for work done ahead of need.
+    pub idle: bool,
 }
 
 fn cstrings<'a>(items: impl IntoIterator<Item = &'a str>) -> io::Result<Vec<CString>> {
@@ -134,6 +137,12 @@ pub fn spawn(cmd: &Command<'_>, on_exit: OnExit) -> io::Result<libc::pid_t> {
         } else if cmd.new_group {
             flags |= libc::POSIX_SPAWN_SETPGROUP;
             libc::posix_spawnattr_setpgroup(&mut attr, 0);
+        }
+        if cmd.idle {
+            flags |= libc::POSIX_SPAWN_SETSCHEDULER;
+            libc::posix_spawnattr_setschedpolicy(&mut attr, libc::SCHED_IDLE);
+            let param = libc::sched_param { sched_priority: 0 };
+            libc::posix_spawnattr_setschedparam(&mut attr, &param);
         }
         libc::posix_spawn_file_actions_addchdir_np(&mut fa, cwd.as_ptr());
         // The Rust runtime ignores SIGPIPE in the agent; children expect the default.

@@ -111,6 +111,22 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// A connected pair of Unix stream sockets, both close-on-exec.
+pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for the two descriptors socketpair writes.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
 /// Sets `O_NONBLOCK` (the only status flag our pipe ends ever carry).
 pub fn set_nonblock(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: fcntl on a descriptor we own; no pointers involved.
@@ -212,6 +228,75 @@ pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
         buf = &buf[n as usize..];
     }
     Ok(())
+}
+
+/// An anonymous in-memory file (`memfd_create(2)`, close-on-exec).
+pub fn memfd(name: &str) -> io::Result<OwnedFd> {
+    let n = cstr(name)?;
+    // SAFETY: NUL-terminated name that outlives the call; the fd is fresh.
+    let fd = check(unsafe { libc::memfd_create(n.as_ptr(), libc::MFD_CLOEXEC) })?;
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Writes all of `buf` at offset 0 of `fd` (the file offset, shared with
+/// whoever reads the file, stays where it is).
+pub fn pwrite_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        // SAFETY: `rest` is valid readable memory of its length for the call.
+        let n = unsafe { libc::pwrite(fd, rest.as_ptr().cast(), rest.len(), done as libc::off_t) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// The file offset of `fd` (`lseek(fd, 0, SEEK_CUR)`).
+pub fn file_offset(fd: RawFd) -> io::Result<u64> {
+    // SAFETY: plain syscall on a descriptor number; no memory involved.
+    let off = unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) };
+    if off < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(off as u64)
+}
+
+/// Moves process `pid` to `SCHED_IDLE` (runs only when nothing else
+/// wants the CPU) or back to `SCHED_OTHER`.
+pub fn set_sched_idle(pid: libc::pid_t, idle: bool) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    // SAFETY: `param` is a valid sched_param for the call.
+    check(unsafe { libc::sched_setscheduler(pid, policy, &param) }).map(drop)
+}
+
+/// Four bytes from the kernel's CRNG (re-keyed by every Hello).
+pub fn random_u32() -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    // SAFETY: `b` is valid writable memory of 4 bytes for the call.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n != 4 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(u32::from_ne_bytes(b))
 }
 
 /// `poll(2)` retried on EINTR; `timeout_ms` < 0 waits forever.
@@ -331,9 +416,15 @@ mod clock_tests {
     #[test]
     fn a_clock_just_ahead_of_the_hosts_send_time_is_kept() {
         let sent = 1_700_000_000_000_000_000;
-        assert!(!clock_needs_setting(sent + 300_000_000, sent), "transit time is not an error");
+        assert!(
+            !clock_needs_setting(sent + 300_000_000, sent),
+            "transit time is not an error"
+        );
         assert!(clock_needs_setting(sent - 1, sent), "behind the host: set");
-        assert!(clock_needs_setting(sent + 3_000_000_000, sent), "far ahead: set");
+        assert!(
+            clock_needs_setting(sent + 3_000_000_000, sent),
+            "far ahead: set"
+        );
         assert!(clock_needs_setting(0, sent), "never set: set");
     }
 }

@@ -325,3 +325,135 @@ fn terminal_sessions_through_the_port() {
     a.send(Kind::Cancel, 5, b"");
     assert_eq!(a.session(5), (vec![Kind::Exit], String::new(), 137));
 }
+
+/// Which bash served an exec: a prepared shell's command line carries the
+/// agent's marker, a spawned `bash -c` has the user's code there (so the
+/// marker is not spelled out in it).
+const SERVED_BY: &str =
+    "m=prepared; case $(tr -d '\\0' < /proc/$$/cmdline) in *\"podflare-agent $m shell\"*) echo prepared;; *) echo spawned;; esac";
+
+#[test]
+fn prepared_shells_serve_execs_without_carrying_state() {
+    // The test harness answers Ready once its pool is full.
+    let mut a = Agent::start();
+    assert_eq!(a.run(1, SERVED_BY).0, "prepared\n");
+    assert_eq!(a.run(2, &format!("X=1; {SERVED_BY}")).0, "prepared\n");
+    // A used shell is never reused: nothing carries over.
+    assert_eq!(a.run(3, "echo ${X:-unset}").0, "unset\n");
+    // `bash -c` semantics the bootstrap keeps: $0, LINENO, SECONDS, the
+    // execution string, no helper variables, no extra descriptors but 3.
+    assert_eq!(
+        a.run(
+            4,
+            "echo $0 $LINENO $SECONDS; echo \"$BASH_EXECUTION_STRING\""
+        )
+        .0,
+        "bash 1 0\necho $0 $LINENO $SECONDS; echo \"$BASH_EXECUTION_STRING\"\n"
+    );
+    assert_eq!(a.run(5, "set | grep -c '^__'").0, "0\n");
+    // The bootstrap's go pipe, stdin pipe and code file are closed.
+    assert_eq!(
+        a.run(
+            6,
+            "for f in 4 5 6; do [ -e /proc/$$/fd/$f ] && echo open $f; done; echo checked"
+        )
+        .0,
+        "checked\n"
+    );
+    assert_eq!(a.run(7, "pwd; echo $HOME").0, "/root\n/root\n");
+    // Exit statuses: normal end, exit N, a function's return, set -e, a
+    // syntax error (the message names `eval` where bash -c says `-c`).
+    assert_eq!(a.run(8, "false").2, 1);
+    assert_eq!(
+        a.run(9, "echo a; exit 3; echo b"),
+        ("a\n".into(), String::new(), 3)
+    );
+    assert_eq!(a.run(10, "f() { return 5; }; f").2, 5);
+    assert_eq!(a.run(11, "set -e; false; echo no").2, 1);
+    let (out, err, code) = a.run(12, "echo a\nfi");
+    assert_eq!((out.as_str(), code), ("a\n", 2));
+    assert!(
+        err.contains("line 2: syntax error near unexpected token `fi'"),
+        "{err}"
+    );
+    // The user's own EXIT trap replaces ours: the reaper's status counts.
+    assert_eq!(
+        a.run(13, "trap 'echo bye' EXIT; exit 4"),
+        ("bye\n".into(), String::new(), 4)
+    );
+    // So does closing fd 3, and replacing the shell with exec.
+    assert_eq!(
+        a.run(14, "exec 3>&-; echo x; exit 6"),
+        ("x\n".into(), String::new(), 6)
+    );
+    assert_eq!(a.run(15, "exec sh -c 'exit 7'").2, 7);
+    assert_eq!(a.run(16, "kill -9 $$").2, 137);
+    // Writing garbage to fd 3 does not fake a status.
+    assert_eq!(a.run(17, "echo junk >&3; exit 2").2, 2);
+    // A partial line there garbles the trap's own report: the agent hangs
+    // up, the trap's wait ends, the reaper's status counts.
+    assert_eq!(a.run(18, "printf x >&3; exit 5").2, 5);
+}
+
+#[test]
+fn prepared_shells_get_stdin_and_fresh_random() {
+    let mut a = Agent::start();
+    let req = serde_json::json!({ "language": "bash", "code": format!("{SERVED_BY}; tr a-z A-Z"), "stdin": true });
+    a.send(Kind::Exec, 1, req.to_string().as_bytes());
+    a.send(Kind::Stdin, 1, b"hello\n");
+    a.send(Kind::CloseStdin, 1, b"");
+    assert_eq!(
+        a.wait_all(&[1]).remove(0),
+        ("prepared\nHELLO\n".into(), String::new(), 0)
+    );
+    // No stdin asked for: /dev/null, as for a spawned bash.
+    assert_eq!(
+        a.run(
+            2,
+            &format!("{SERVED_BY}; readlink /proc/$$/fd/0; cat; echo done")
+        )
+        .0,
+        "prepared\n/dev/null\ndone\n"
+    );
+    // Every exec seeds RANDOM afresh (the pool refills in the background;
+    // whichever bash serves, the values differ).
+    let mut seen = std::collections::HashSet::new();
+    for s in 3..8 {
+        let out = a.run(s, "echo $RANDOM$RANDOM").0;
+        assert!(seen.insert(out.clone()), "RANDOM repeated: {out}");
+    }
+}
+
+#[test]
+fn execs_fall_back_to_a_spawn_when_the_pool_is_empty() {
+    let mut a = Agent::start();
+    // Four at once: two prepared shells, then the spawn path (the
+    // refills wait until these have finished).
+    for s in 1..=4 {
+        a.bash(s, &format!("sleep 0.5; {SERVED_BY}"));
+    }
+    let mut served: Vec<String> = a
+        .wait_all(&[1, 2, 3, 4])
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.2, 0);
+            r.0
+        })
+        .collect();
+    served.sort();
+    assert_eq!(
+        served,
+        ["prepared\n", "prepared\n", "spawned\n", "spawned\n"]
+    );
+    // Code with a NUL byte cannot go through a prepared shell: the spawn
+    // path reports it as before.
+    let req = serde_json::json!({ "language": "bash", "code": "echo a\u{0}b" });
+    a.send(Kind::Exec, 5, req.to_string().as_bytes());
+    let f = a.next();
+    assert_eq!((f.kind, f.stream), (Kind::Error, 5), "{f:?}");
+    // Shells killed while they wait are replaced, never handed out (only
+    // this agent's: tests run side by side).
+    let kill_waiting = "m=prepared; for p in $(pgrep -P $PPID -f \"podflare-agent $m shell\"); do [ $p = $$ ] || kill -9 $p; done";
+    assert_eq!(a.run(6, kill_waiting).2, 0);
+    assert_eq!(a.run(7, "echo still"), ("still\n".into(), String::new(), 0));
+}
