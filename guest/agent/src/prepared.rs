@@ -36,11 +36,13 @@
 //! - `trap` lists our EXIT trap; fd 3 (the status socket) is open and
 //!   inherited; `/proc/$$/cmdline` is the bootstrap; `$_` starts as `__h`;
 //!   `ps` shows the other shells waiting;
-//! - a shell killed by a *catchable* signal it sends itself (`kill $$`,
-//!   TERM/HUP/INT) runs the EXIT trap with the last command's `$?` before
-//!   it dies, and that `$?` is reported instead of 128+N when it arrives
-//!   before the reaper's status. SIGKILL (Cancel, `kill -9`, OOM) reports
-//!   128+9 as before: the trap never runs and the reaper's status counts;
+//! - `trap` also lists traps on HUP, INT, QUIT, USR1, USR2, ALRM and TERM:
+//!   bash runs its EXIT trap before it dies of such a signal, with the last
+//!   command's `$?`, so each of these traps notes 128+N for the EXIT trap
+//!   to report, puts the signal back to its default and sends it again (the
+//!   shell dies of it, as with `bash -c`). A user trap on one of them
+//!   replaces ours, as it would replace the default; SIGKILL (Cancel,
+//!   `kill -9`, OOM) runs no trap and the reaper's status counts;
 //! - user code that writes a number line to fd 3 sets its own exec's
 //!   reported status; other bytes there are ignored (the reaper decides);
 //! - a user EXIT trap, `exec PROGRAM` or closing fd 3 makes the exec end
@@ -61,7 +63,9 @@ pub const POOL_TARGET: usize = 2;
 
 /// The script every prepared shell runs (`bash -c BOOTSTRAP bash`, so `$0`
 /// is `bash` as for `bash -c CODE`). Step by step:
-/// - the EXIT trap reports `$?` on fd 3. It points stdout at fd 3 with
+/// - a catchable fatal signal notes its status for the EXIT trap and is
+///   sent again with its default action (see the module docs);
+/// - the EXIT trap reports `$?` (or that noted status) on fd 3. It points stdout at fd 3 with
 ///   `exec` (no save and restore of fd 1: the shell is exiting) after
 ///   closing stderr, so if the user's code closed fd 3 the failed
 ///   redirection prints nothing and nothing lands in the user's output.
@@ -82,7 +86,9 @@ pub const POOL_TARGET: usize = 2;
 /// The trailing comment marks the shell in `/proc/PID/cmdline` (the tests
 /// read it to know which path served an exec).
 pub const BOOTSTRAP: &str = concat!(
-    r#"trap '__s=$?; trap "" PIPE; exec 2>&- 1>&3 && builtin echo $__s && builtin read -r -n 1 -u 3 __s' EXIT; "#,
+    r#"trap '__s=${__k:-$?}; trap "" PIPE; exec 2>&- 1>&3 && builtin echo $__s && builtin read -r -n 1 -u 3 __s' EXIT; "#,
+    r#"for __k in HUP:1 INT:2 QUIT:3 USR1:10 USR2:12 ALRM:14 TERM:15; do "#,
+    r#"trap "__k=$((128 + ${__k#*:})); trap - ${__k%:*}; builtin kill -${__k%:*} \$\$" ${__k%:*}; done; unset __k; "#,
     r#"read -r -n 1 -u 4 __g; "#,
     r#"IFS= read -r -d '' -u 6 BASH_EXECUTION_STRING; "#,
     r#"__h=${BASH_EXECUTION_STRING%%$'\n'*}; "#,

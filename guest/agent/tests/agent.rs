@@ -388,6 +388,9 @@ fn prepared_shells_serve_execs_without_carrying_state() {
     );
     assert_eq!(a.run(15, "exec sh -c 'exit 7'").2, 7);
     assert_eq!(a.run(16, "kill -9 $$").2, 137);
+    // A catchable signal it sends itself: 128+N, as with `bash -c`.
+    assert_eq!(a.run(19, "kill $$").2, 143);
+    assert_eq!(a.run(20, "echo x; kill -HUP $$; echo never"), ("x\n".into(), String::new(), 129));
     // Writing garbage to fd 3 does not fake a status.
     assert_eq!(a.run(17, "echo junk >&3; exit 2").2, 2);
     // A partial line there garbles the trap's own report: the agent hangs
