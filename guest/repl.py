@@ -246,6 +246,39 @@ class Ring:
             raise KeyboardInterrupt
 
 
+def take_frame(buf):
+    """Removes the next whole frame from the bytearray `buf` and returns
+    (kind, stream, payload); None while it is incomplete. Garbage before a
+    frame is dropped: it resynchronises on the next magic byte."""
+    while len(buf) >= HEADER_LEN:
+        magic, version, kind, stream, length = HDR.unpack_from(buf)
+        if magic != MAGIC or version != PROTOCOL or length > MAX_PAYLOAD:
+            nxt = buf.find(MAGIC, 1)
+            del buf[: nxt if nxt > 0 else len(buf)]
+            continue
+        end = HEADER_LEN + length
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[HEADER_LEN:end])
+        del buf[:end]
+        return kind, stream, payload
+    return None
+
+
+def parse_exec(payload):
+    """The code of an Exec request, or an error message for the host."""
+    try:
+        req = json.loads(payload)
+        lang, code = req.get("language"), req["code"]
+        if not isinstance(code, str):
+            raise ValueError("code is not a string")
+    except Exception as e:
+        return None, "malformed exec request: %s" % e
+    if lang != "python":
+        return None, "the REPL runs python execs only"
+    return code, None
+
+
 def frame(kind, stream, payload=b""):
     return HDR.pack(MAGIC, PROTOCOL, kind, stream, len(payload)) + payload
 
@@ -567,18 +600,11 @@ class Repl:
                 continue
             nap = 0.001
             buf += data
-            while len(buf) >= HEADER_LEN:
-                magic, version, kind, stream, length = HDR.unpack_from(buf)
-                if magic != MAGIC or version != PROTOCOL or length > MAX_PAYLOAD:
-                    # Garbage: resynchronise on the next magic byte.
-                    nxt = buf.find(MAGIC, 1)
-                    del buf[: nxt if nxt > 0 else len(buf)]
-                    continue
-                end = HEADER_LEN + length
-                if len(buf) < end:
+            while True:
+                got = take_frame(buf)
+                if got is None:
                     break
-                payload = bytes(buf[HEADER_LEN:end])
-                del buf[:end]
+                kind, stream, payload = got
                 if kind == EXEC:
                     wait_ms = FLUSH_MS
                 try:
@@ -589,16 +615,9 @@ class Repl:
 
     def handle(self, kind, stream, payload):
         if kind == EXEC:
-            try:
-                req = json.loads(payload)
-                lang, code = req.get("language"), req["code"]
-                if not isinstance(code, str):
-                    raise ValueError("code is not a string")
-            except Exception as e:
-                self.port.send(frame(ERROR, stream, ("malformed exec request: %s" % e).encode()))
-                return
-            if lang != "python":
-                self.port.send(frame(ERROR, stream, b"the REPL port runs python execs only"))
+            code, error = parse_exec(payload)
+            if error is not None:
+                self.port.send(frame(ERROR, stream, error.encode()))
                 return
             with self.lock:
                 self.busy += 1
@@ -731,33 +750,17 @@ class Repl:
     def ring_request(self):
         """The next complete frame in the ring as (stream, code), or None.
         A malformed one is answered with an Error frame and dropped."""
-        buf = self.rbuf
-        while len(buf) >= HEADER_LEN:
-            magic, version, kind, stream, length = HDR.unpack_from(buf)
-            if magic != MAGIC or version != PROTOCOL or length > MAX_PAYLOAD:
-                nxt = buf.find(MAGIC, 1)
-                del buf[: nxt if nxt > 0 else len(buf)]
-                continue
-            end = HEADER_LEN + length
-            if len(buf) < end:
+        while True:
+            got = take_frame(self.rbuf)
+            if got is None:
                 return None
-            payload = bytes(buf[HEADER_LEN:end])
-            del buf[:end]
+            kind, stream, payload = got
             if kind != EXEC:
                 continue
-            try:
-                req = json.loads(payload)
-                lang, code = req.get("language"), req["code"]
-                if not isinstance(code, str):
-                    raise ValueError("code is not a string")
-            except Exception as e:
-                self.ring.put(frame(ERROR, stream, ("malformed exec request: %s" % e).encode()))
-                continue
-            if lang != "python":
-                self.ring.put(frame(ERROR, stream, b"the REPL ring runs python execs only"))
-                continue
-            return stream, code
-        return None
+            code, error = parse_exec(payload)
+            if error is None:
+                return stream, code
+            self.ring.put(frame(ERROR, stream, error.encode()))
 
     def after_hello(self):
         """Waits until the Hello of the ring's current generation (or a
@@ -768,7 +771,8 @@ class Repl:
 
     def next_request(self):
         """Polls the ring (and the port's queue) for the next request; after
-        the polling window with nothing new, sleeps until woken."""
+        the polling window with nothing new, sleeps until woken. A ring
+        request is counted in `busy` here (the port's were when they came)."""
         ring = self.ring
         started = None
         spins = 0
@@ -780,6 +784,8 @@ class Repl:
                 req = self.ring_request()
                 if req is not None:
                     self.after_hello()
+                    with self.lock:
+                        self.busy += 1
                     return req
             if not self.requests.empty():
                 return self.requests.get()
@@ -807,8 +813,6 @@ class Repl:
             try:
                 if self.ring is not None:
                     stream, code = self.next_request()
-                    with self.lock:
-                        self.busy += 1
                 else:
                     stream, code = self.requests.get()
                 self.run_exec(stream, code)

@@ -64,17 +64,7 @@ fn fork(g: &RunningGuest, n: usize) -> Vec<RunningGuest> {
 }
 
 fn collect(rx: StreamRx<ExecChunk>) -> (String, i32) {
-    let wait = Duration::from_secs(env("PODFLARE_TEST_WAIT_S", 600));
-    let mut out = String::new();
-    loop {
-        match rx.recv_timeout(wait).expect("exec produced no result in time") {
-            ExecChunk::Stdout(b) | ExecChunk::Stderr(b) => out.push_str(&String::from_utf8_lossy(&b)),
-            ExecChunk::Exit(c) => return (out, c),
-            ExecChunk::Failed(m) => panic!("exec failed: {m}; output so far {out:?}"),
-            // Execs never report a start (terminal sessions do).
-            ExecChunk::Started => {}
-        }
-    }
+    common::exec::collect(rx, common::exec::wait(600))
 }
 
 /// Runs Python and returns its output, trimmed; fails on a non-zero exit.

@@ -210,11 +210,12 @@ pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
-/// Writes all of `buf` (as few `write(2)` calls as the file allows).
-pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        // SAFETY: `buf` is valid readable memory of `buf.len()` bytes for the call.
-        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+/// Calls `write_at(rest, done)` until all of `buf` is written: `rest` is
+/// what is left, `done` how much went before; EINTR is retried.
+fn write_fully(buf: &[u8], mut write_at: impl FnMut(&[u8], usize) -> isize) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let n = write_at(&buf[done..], done);
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -225,9 +226,15 @@ pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        buf = &buf[n as usize..];
+        done += n as usize;
     }
     Ok(())
+}
+
+/// Writes all of `buf` (as few `write(2)` calls as the file allows).
+pub fn write_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
+    // SAFETY: `rest` is valid readable memory of its length for the call.
+    write_fully(buf, |rest, _| unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) })
 }
 
 /// An anonymous in-memory file (`memfd_create(2)`, close-on-exec).
@@ -242,24 +249,10 @@ pub fn memfd(name: &str) -> io::Result<OwnedFd> {
 /// Writes all of `buf` at offset 0 of `fd` (the file offset, shared with
 /// whoever reads the file, stays where it is).
 pub fn pwrite_all(fd: RawFd, buf: &[u8]) -> io::Result<()> {
-    let mut done = 0usize;
-    while done < buf.len() {
-        let rest = &buf[done..];
+    write_fully(buf, |rest, done| {
         // SAFETY: `rest` is valid readable memory of its length for the call.
-        let n = unsafe { libc::pwrite(fd, rest.as_ptr().cast(), rest.len(), done as libc::off_t) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        done += n as usize;
-    }
-    Ok(())
+        unsafe { libc::pwrite(fd, rest.as_ptr().cast(), rest.len(), done as libc::off_t) }
+    })
 }
 
 /// The file offset of `fd` (`lseek(fd, 0, SEEK_CUR)`).
