@@ -29,6 +29,15 @@ cat >"$root/etc/hosts" <<'HOSTS'
 ::1		localhost ip6-localhost ip6-loopback
 HOSTS
 
+# The resolver is the sandbox's gateway: hostd forwards its port 53 to the
+# host's resolver (PODFLARE_NET_DNS), so the image names no real server. Short
+# timeouts: a sandbox without egress is refused at once anyway.
+rm -f "$root/etc/resolv.conf"
+cat >"$root/etc/resolv.conf" <<'RESOLV'
+nameserver 172.16.0.1
+options timeout:2 attempts:2
+RESOLV
+
 # Every sandbox must get its own randomness (the host credits fresh entropy
 # at boot and after each restore): ship no saved seed or machine identity.
 rm -f "$root/var/lib/systemd/random-seed" "$root/var/lib/urandom/random-seed" \

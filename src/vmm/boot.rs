@@ -130,7 +130,8 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<GuestAddress, BootE
 /// template snapshot taken under another description is not reused.
 /// Revision 2: an MP table (local APICs, IO-APIC) and the TSC-deadline timer.
 /// Revision 3: the REPL's ring region, reserved in the e820 map.
-pub const MACHINE_REVISION: u32 = 3;
+/// Revision 4: a virtio-net card.
+pub const MACHINE_REVISION: u32 = 4;
 
 /// Writes the command line, the zero page (with its e820 map), the MP table
 /// for `vcpus` vCPUs, the GDT, an empty IDT and identity-mapping page tables.
@@ -396,6 +397,23 @@ pub const PVM_CMDLINE: &str = include_str!("../../kernel-config/pvm-cmdline");
 /// plenty for a sandbox's /proc/vmstat).
 pub const IDLE_SYSCTLS: &str = "sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10";
 
+/// The guest's network, set by its kernel at boot (`ip=`, static, no
+/// DHCP): the same address, gateway and card in every sandbox, since every
+/// sandbox restores one snapshot; the host gives each its own network
+/// namespace behind the card. IPv6 stays on loopback only: on eth0 it would
+/// solicit routers and join groups on timers, for a network that has none.
+pub fn network_args() -> String {
+    use crate::devices::virtio::net::{GATEWAY_IP, GUEST_IP, PREFIX_LEN};
+    let dotted = |a: [u8; 4]| format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3]);
+    let mask = (u32::MAX << (32 - u32::from(PREFIX_LEN))).to_be_bytes();
+    format!(
+        "ip={}::{}:{}:sandbox:eth0:off sysctl.net.ipv6.conf.eth0.disable_ipv6=1",
+        dotted(GUEST_IP),
+        dotted(GATEWAY_IP),
+        dotted(mask)
+    )
+}
+
 /// Builds the full kernel command line.
 pub fn cmdline(backend: Backend, virtio_devices: &[(u64, u32)], extra: &str) -> String {
     let mut s = String::from(
@@ -415,6 +433,8 @@ pub fn cmdline(backend: Backend, virtio_devices: &[(u64, u32)], extra: &str) -> 
     }
     // The REPL serves its ring at this address (see podflare_proto::ring).
     s.push_str(&format!(" podflare.ring={:#x}", podflare_proto::ring::BASE));
+    s.push(' ');
+    s.push_str(&network_args());
     if !extra.is_empty() {
         s.push(' ');
         s.push_str(extra);
@@ -435,6 +455,7 @@ mod tests {
         assert!(!hw.contains("noxsave"));
         assert!(hw.ends_with("x=1"));
         assert!(pvm.contains("podflare.ring=0x800000") && hw.contains("podflare.ring=0x800000"));
+        assert!(pvm.contains(" ip=172.16.0.2::172.16.0.1:255.255.255.252:sandbox:eth0:off "));
     }
 
     #[test]

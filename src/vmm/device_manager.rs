@@ -5,9 +5,10 @@
 //! The VM lifecycle (`vm.rs`) never names a device: it hands in the
 //! [`Backends`] (what a device talks to outside the guest: the base image,
 //! the writable disk, the channel's sink, the console log) and gets buses, notifiers and one
-//! state record back. A new device (a network card with its tap backend, a
-//! shared-memory region) is a row in [`LAYOUT`], a variant of
+//! state record back. A new device is a row in [`LAYOUT`], a variant of
 //! [`DeviceSnapshot`], a field of [`Backends`] and a match arm in `build`.
+//! The network card has no backend handed in: every VM starts refusing
+//! traffic, and the VMM attaches a tap later ([`DeviceManager::net_handle`]).
 
 use std::fs::File;
 use std::sync::atomic::AtomicU64;
@@ -29,6 +30,7 @@ use crate::devices::serial::{ConsoleLog, SerialDevice, SerialState};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::{Console, ConsoleHandle, ConsoleSink};
 use crate::devices::virtio::mmio::{MmioState, MmioTransport, MMIO_LEN, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::net::{Net, NetHandle, TAP_TOKEN};
 use crate::devices::virtio::shared::SharedDevice;
 use crate::devices::virtio::Interrupt;
 use crate::devices::GuestMemory;
@@ -56,6 +58,8 @@ pub enum DeviceKind {
     Disk,
     /// Multiport virtio-console carrying the agent channel.
     Console,
+    /// virtio-net (`eth0`): refusing until the VMM attaches a tap.
+    Net,
 }
 
 /// One row of the device table.
@@ -77,7 +81,7 @@ pub struct DeviceSlot {
 
 /// Every VM's devices, in build order. The guest learns the virtio ones
 /// from its command line ([`virtio_mmio_devices`]).
-pub const LAYOUT: [DeviceSlot; 4] = [
+pub const LAYOUT: [DeviceSlot; 5] = [
     DeviceSlot { name: "serial", kind: DeviceKind::Serial, bus: BusKind::Pio, base: 0x3f8, len: 8, gsi: 4 },
     DeviceSlot {
         name: "block",
@@ -103,6 +107,14 @@ pub const LAYOUT: [DeviceSlot; 4] = [
         base: memory::MMIO_START + 2 * MMIO_LEN,
         len: MMIO_LEN,
         gsi: 7,
+    },
+    DeviceSlot {
+        name: "net",
+        kind: DeviceKind::Net,
+        bus: BusKind::Mmio,
+        base: memory::MMIO_START + 3 * MMIO_LEN,
+        len: MMIO_LEN,
+        gsi: 8,
     },
 ];
 
@@ -192,6 +204,10 @@ pub struct Notifier {
 pub struct DeviceManager {
     live: Vec<(DeviceSlot, Live)>,
     console_handle: ConsoleHandle,
+    net_handle: NetHandle,
+    /// The device thread's epoll, made here so the card's handle can add
+    /// its tap to it at any time.
+    epoll: Arc<Epoll>,
     ring: Arc<Mutex<Ring>>,
     ring_handle: RingHandle,
     /// Held by the device thread while it handles a batch of events, and by
@@ -236,6 +252,8 @@ impl DeviceManager {
         let mut live = Vec::with_capacity(LAYOUT.len());
         let mut notifiers = Vec::new();
         let mut console_handle = None;
+        let mut net_handle = None;
+        let epoll = Arc::new(Epoll::new().map_err(VmmError::Io)?);
         for slot in LAYOUT {
             let state = saved.map(|s| s.get(slot.name)).transpose()?;
             let irq = irqfd(vm, slot.gsi)?;
@@ -267,6 +285,11 @@ impl DeviceManager {
                     console_handle = Some(handle);
                     Live::Virtio(virtio(slot, Box::new(SharedDevice::new(model)), mem, irq, state)?)
                 }
+                DeviceKind::Net => {
+                    let model = Arc::new(Mutex::new(Net::new()));
+                    net_handle = Some(NetHandle::new(model.clone(), epoll.clone()));
+                    Live::Virtio(virtio(slot, Box::new(SharedDevice::new(model)), mem, irq, state)?)
+                }
             };
             if let Live::Virtio(t) = &device {
                 for q in 0..lock(t).num_queues() {
@@ -278,13 +301,15 @@ impl DeviceManager {
         }
         let console_handle =
             console_handle.ok_or_else(|| VmmError::Config("the device table has no console".into()))?;
+        let net_handle = net_handle.ok_or_else(|| VmmError::Config("the device table has no network card".into()))?;
         // The ring needs no saved state of its own: everything it has is in
         // guest memory (the counters it owns are read back from there).
         let (ring, ring_handle) = Ring::new(mem, ring_peer)?;
         let kick = ring.kick_fd().try_clone().map_err(VmmError::Io)?;
         notifiers.push(Notifier { fd: kick, target: NotifyTarget::RingKick });
         let ring = Arc::new(Mutex::new(ring));
-        Ok((DeviceManager { live, console_handle, ring, ring_handle, work: Arc::new(Mutex::new(())) }, notifiers))
+        let work = Arc::new(Mutex::new(()));
+        Ok((DeviceManager { live, console_handle, net_handle, epoll, ring, ring_handle, work }, notifiers))
     }
 
     /// Every device's state. Take it with the vCPUs paused.
@@ -321,20 +346,14 @@ impl DeviceManager {
         &self.console_handle
     }
 
+    /// The network card's handle (the VMM attaches the sandbox's tap).
+    pub fn net_handle(&self) -> &NetHandle {
+        &self.net_handle
+    }
+
     /// The ring's host-side handle (the channel sends Python execs through it).
     pub fn ring_handle(&self) -> &RingHandle {
         &self.ring_handle
-    }
-
-    /// The ring, for [`DeviceManager::spawn_thread`].
-    pub fn ring(&self) -> Arc<Mutex<Ring>> {
-        self.ring.clone()
-    }
-
-    /// The lock the device thread holds while it works, for
-    /// [`DeviceManager::spawn_thread`].
-    pub fn work_lock(&self) -> Arc<Mutex<()>> {
-        self.work.clone()
     }
 
     /// Stops device work until the guard drops: the device thread finishes
@@ -351,17 +370,10 @@ impl DeviceManager {
     /// an event. Guest-facing code runs here, so a panic is caught and fails
     /// only this VM, and the thread installs its seccomp filter first (an
     /// error is returned once it is known, and the thread has ended).
-    pub fn spawn_thread(
-        name: &str,
-        stop: &EventFd,
-        notifiers: Vec<Notifier>,
-        status: Arc<VmStatus>,
-        work: Arc<Mutex<()>>,
-        ring: Arc<Mutex<Ring>>,
-    ) -> Result<JoinHandle<()>, VmmError> {
+    pub fn spawn_thread(&self, name: &str, stop: &EventFd, notifiers: Vec<Notifier>, status: Arc<VmStatus>) -> Result<JoinHandle<()>, VmmError> {
         use std::os::unix::io::AsRawFd;
         const STOP_TOKEN: u64 = u64::MAX;
-        let epoll = Epoll::new().map_err(VmmError::Io)?;
+        let (epoll, work, ring, net) = (self.epoll.clone(), self.work.clone(), self.ring.clone(), self.net_handle.clone());
         epoll
             .ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))
             .map_err(VmmError::Io)?;
@@ -407,6 +419,10 @@ impl DeviceManager {
                             if ev.data() == STOP_TOKEN {
                                 let _ = stop.read();
                                 return;
+                            }
+                            if ev.data() == TAP_TOKEN {
+                                net.tap_readable();
+                                continue;
                             }
                             let Some(n) = notifiers.get(ev.data() as usize) else { continue };
                             let _ = n.fd.read();
@@ -509,8 +525,8 @@ mod tests {
         }
         // The base image first, so the guest names it vda and the disk vdb.
         let mmio: Vec<&str> = LAYOUT.iter().filter(|d| d.bus == BusKind::Mmio).map(|d| d.name).collect();
-        assert_eq!(mmio, ["block", "console", "disk"]);
-        assert_eq!(virtio_mmio_devices().len(), 3);
+        assert_eq!(mmio, ["block", "console", "disk", "net"]);
+        assert_eq!(virtio_mmio_devices().len(), 4);
     }
 
     #[test]

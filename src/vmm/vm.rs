@@ -343,8 +343,7 @@ impl Vm {
         super::vcpu::install_kick_handler().map_err(VmmError::Config)?;
         let status = Arc::new(VmStatus::new(name, channel.clone()));
         let stop = EventFd::new(EFD_NONBLOCK).map_err(VmmError::Io)?;
-        let device_thread =
-            DeviceManager::spawn_thread(name, &stop, notifiers, status.clone(), devices.work_lock(), devices.ring())?;
+        let device_thread = devices.spawn_thread(name, &stop, notifiers, status.clone())?;
         channel.attach(devices.console_handle().clone());
         channel.attach_ring(devices.ring_handle().clone());
         let ctx = Arc::new(VcpuContext {
@@ -578,6 +577,11 @@ impl Vm {
     /// host while it runs (on PVM, mostly its emulated kernel).
     pub fn vcpus_cpu_time(&self) -> Duration {
         self.vcpus.iter().filter_map(VcpuHandle::cpu_time).sum()
+    }
+
+    /// Its network card (the factory attaches a sandbox's tap).
+    pub fn net(&self) -> &crate::devices::virtio::net::NetHandle {
+        self.devices.net_handle()
     }
 
     /// The writable disk.

@@ -8,6 +8,7 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod shared;
 
 use std::ops::Deref;
@@ -86,11 +87,13 @@ pub enum DeviceState {
     Block(block::BlockState),
     /// virtio-console.
     Console(console::ConsoleState),
+    /// virtio-net.
+    Net(net::NetState),
 }
 
 /// A virtio device model behind the mmio transport.
 pub trait VirtioDevice: Send {
-    /// Virtio device ID (2 = block, 3 = console).
+    /// Virtio device ID (1 = net, 2 = block, 3 = console).
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
