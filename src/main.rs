@@ -127,7 +127,10 @@ fn main() -> ExitCode {
         log.error("cannot start the signal thread", &[("cause", json!(e.to_string()))]);
         return ExitCode::FAILURE;
     }
-    match server.join() {
+    let served = server.join();
+    // The last hostd on the machine takes its host-wide network rules away.
+    vmm::hostnet::release_host_rules();
+    match served {
         Ok(()) => {
             log.info("stopped", &[]);
             ExitCode::SUCCESS
@@ -159,6 +162,7 @@ fn on_stop_signal(signals: SigSet, controller: &Controller, stopper: &api::Stopp
     let _ = std::thread::Builder::new().name("shutdown-bound".into()).spawn(move || {
         std::thread::sleep(SHUTDOWN_BOUND);
         bound_log.warn("shutdown took too long; exiting now", &[("bound_s", json!(SHUTDOWN_BOUND.as_secs()))]);
+        vmm::hostnet::release_host_rules();
         std::process::exit(0);
     });
     let (destroyed, frozen) = controller.manager().destroy_all(&format!("hostd is shutting down ({})", sig.as_str()));

@@ -40,7 +40,8 @@ pub struct Sandbox {
     id: String,
     template: String,
     persistent: bool,
-    egress: bool,
+    /// Network egress (its guest's: a merge brings the winner's).
+    egress: std::sync::atomic::AtomicBool,
     created: Instant,
     lifetime: Duration,
     idle: Duration,
@@ -97,7 +98,7 @@ impl Sandbox {
             id,
             template,
             persistent,
-            egress,
+            egress: std::sync::atomic::AtomicBool::new(egress),
             created: now,
             lifetime,
             idle,
@@ -128,7 +129,7 @@ impl Sandbox {
 
     /// Network egress allowed (fork children inherit it).
     pub fn egress(&self) -> bool {
-        self.egress
+        self.egress.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Lifetime (`timeout_seconds`).
@@ -186,10 +187,14 @@ impl Sandbox {
 
     /// Puts `guest` in place of the current one (merge); returns the old
     /// one, or gives `guest` back if this sandbox is already destroyed.
-    pub(super) fn replace_guest(&self, guest: Arc<dyn Guest>) -> Result<Arc<dyn Guest>, Arc<dyn Guest>> {
+    /// The sandbox takes on `egress`, the new guest's network.
+    pub(super) fn replace_guest(&self, guest: Arc<dyn Guest>, egress: bool) -> Result<Arc<dyn Guest>, Arc<dyn Guest>> {
         let mut slot = self.guest.write().unwrap_or_else(PoisonError::into_inner);
         match slot.as_mut() {
-            Some(current) => Ok(std::mem::replace(current, guest)),
+            Some(current) => {
+                self.egress.store(egress, std::sync::atomic::Ordering::Relaxed);
+                Ok(std::mem::replace(current, guest))
+            }
             None => Err(guest),
         }
     }
@@ -269,7 +274,7 @@ impl Sandbox {
             "idle_expires_at_ms": (!busy).then(|| ms(last + self.idle)),
             "private_memory_bytes": self.private_memory_bytes(),
             "persistent": self.persistent,
-            "egress": self.egress,
+            "egress": self.egress(),
         })
     }
 

@@ -239,7 +239,7 @@ impl Manager {
         let w = lock(&self.sandboxes).remove(winner).ok_or_else(|| SandboxError::UnknownSandbox(winner.to_string()))?;
         let guest = w.take_guest().ok_or_else(|| SandboxError::UnknownSandbox(winner.to_string()))?;
         guest.relabel(parent);
-        let old = match p.replace_guest(guest) {
+        let old = match p.replace_guest(guest, w.egress()) {
             Ok(old) => old,
             Err(guest) => {
                 // The parent was deleted meanwhile: the winner goes too.

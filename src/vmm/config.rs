@@ -49,6 +49,14 @@ pub struct VmmConfig {
     /// sleeps. Back-to-back execs inside it cost the guest no system call;
     /// the guest's vCPU spins meanwhile. 0: sleep at once.
     pub guest_poll: Duration,
+    /// Sandbox networking: `PODFLARE_NETWORK` (`on`, the default, or
+    /// `off`: no sandbox has a path out, whatever it asks), with
+    /// `PODFLARE_NET_SUBNET` (default `10.201.0.0/16`: a /30 per sandbox
+    /// with egress, on the host side of its namespace), `PODFLARE_NET_DNS`
+    /// (the resolver sandboxes use; default the first non-loopback IPv4
+    /// `nameserver` of the host's /etc/resolv.conf; `none`: DNS refused)
+    /// and `PODFLARE_NET_READY` (default 4: namespaces made ahead).
+    pub network: Option<super::hostnet::NetConfig>,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
@@ -59,6 +67,23 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
             .map_err(|_| format!("{name}={v:?} is not a valid value")),
         _ => Ok(default),
     }
+}
+
+fn network_from_env() -> Result<Option<super::hostnet::NetConfig>, String> {
+    use super::hostnet::NetConfig;
+    match env_or("PODFLARE_NETWORK", "on".to_string())?.as_str() {
+        "on" => {}
+        "off" => return Ok(None),
+        v => return Err(format!("PODFLARE_NETWORK={v:?}: on or off")),
+    }
+    let subnet = env_or("PODFLARE_NET_SUBNET", "10.201.0.0/16".to_string())?;
+    let (subnet, prefix) = NetConfig::parse_subnet(&subnet).map_err(|e| format!("PODFLARE_NET_SUBNET: {e}"))?;
+    let dns = match std::env::var("PODFLARE_NET_DNS").as_deref().map(str::trim) {
+        Ok("none") => None,
+        Ok(v) if !v.is_empty() => Some(v.parse().map_err(|_| format!("PODFLARE_NET_DNS={v:?}: an IPv4 address or none"))?),
+        _ => NetConfig::resolver_from(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
+    };
+    Ok(Some(NetConfig { subnet, prefix, dns, ready: env_or("PODFLARE_NET_READY", 4)? }))
 }
 
 fn host_mem_mib() -> u64 {
@@ -117,6 +142,7 @@ impl VmmConfig {
                 ms @ 0..=1000 => Duration::from_millis(ms),
                 ms => return Err(format!("PODFLARE_GUEST_POLL_MS={ms}: from 0 to 1000")),
             },
+            network: network_from_env()?,
         })
     }
 

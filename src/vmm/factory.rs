@@ -21,6 +21,7 @@ use super::cache;
 use super::{memory, persist, Backend, VmmConfig, VmmError};
 use super::channel::Channel;
 use super::space::{SpaceError, Spaces, TemplateLookup};
+use super::hostnet::{HostNet, NetSlot};
 use crate::guest::{ExecChunk, Guest, GuestError, GuestFactory, GuestSpec, Language, PtyControl, PtyStart, SpaceInfo, StreamRx};
 use crate::seccomp::{self, ThreadKind};
 
@@ -131,6 +132,8 @@ struct Inner {
     /// Where VMs' writable disks are made (unnamed files: nothing is left
     /// here when a VM ends or hostd is killed).
     disks_dir: PathBuf,
+    /// Sandbox networking; `None` when `PODFLARE_NETWORK=off`.
+    net: Option<HostNet>,
 }
 
 /// Restores guests from template snapshots.
@@ -168,6 +171,23 @@ impl VmFactory {
             source: std::io::Error::new(e.kind(), format!("the writable disk's file system: {e}")),
         })?;
         cfg.log.info("writable disk file system", &[("image", json!(pristine.display().to_string()))]);
+        // Networking next, from this unfiltered thread (its slot maker runs
+        // `ip` and `nft`): a host that cannot is told so before the
+        // templates' minutes of building.
+        let net = match &cfg.network {
+            Some(nc) => {
+                let net = HostNet::start(nc.clone(), cfg.log.clone())?;
+                cfg.log.info("sandbox networking", &[("network", net.figures())]);
+                if nc.dns.is_none() {
+                    cfg.log.warn("sandboxes have no resolver: PODFLARE_NET_DNS is none, or the host's resolv.conf names no reachable IPv4 one", &[]);
+                }
+                Some(net)
+            }
+            None => {
+                cfg.log.info("sandbox networking is off (PODFLARE_NETWORK=off): no sandbox has a path out", &[]);
+                None
+            }
+        };
         let disks_dir = cfg.cache_dir.join("disks");
         std::fs::create_dir_all(&disks_dir).map_err(|e| VmmError::File { path: disks_dir.display().to_string(), source: e })?;
         // Templates build in parallel: each cold boot keeps one vCPU busy.
@@ -205,6 +225,7 @@ impl VmFactory {
             next_vm: AtomicU64::new(1),
             spaces,
             disks_dir,
+            net,
         });
         if inner.cfg.pool_size > 0 {
             let weak = Arc::downgrade(&inner);
@@ -273,6 +294,17 @@ impl Inner {
             .get(template)
             .ok_or_else(|| VmmError::Config(format!("unknown template {template:?}")))?;
         self.restore_from(t)
+    }
+
+    /// A sandbox's network: with egress (and networking on), a namespace of
+    /// its own whose tap the VM's card takes; otherwise none, and the card
+    /// keeps refusing every packet.
+    fn connect(&self, vm: &Vm, egress: bool) -> Result<Option<NetSlot>, GuestError> {
+        let Some(net) = self.net.as_ref().filter(|_| egress) else { return Ok(None) };
+        let mut slot = net.take().map_err(|e| GuestError::Unavailable(e.to_string()))?;
+        let tap = slot.take_tap().ok_or_else(|| GuestError::Internal("a network slot without its tap".into()))?;
+        vm.net().attach_tap(tap).map_err(|e| GuestError::Internal(format!("attach the tap: {e}")))?;
+        Ok(Some(slot))
     }
 
     fn restore_from(&self, t: &Template) -> Result<Vm, VmmError> {
@@ -355,6 +387,9 @@ fn pool_filler(inner: std::sync::Weak<Inner>) {
 /// A sandbox's VM, as the sandbox manager sees it.
 pub struct RunningGuest {
     vm: Vm,
+    /// Its network namespace when it has egress; after `vm`, so the tap
+    /// closes first.
+    net: Option<NetSlot>,
     inner: Arc<Inner>,
     /// The template snapshot under its memory (name and RAM size).
     template: Arc<Template>,
@@ -531,8 +566,10 @@ impl RunningGuest {
             let vm = persist::restore_fork_child(&inner.kvm, &format!("vm{n}"), rootfs, memory, &source)
                 .map_err(|e| failed("restore child", e))?;
             ticket.admit();
-            // The child owns its place now: its drop releases it.
-            let child = RunningGuest { vm, inner: inner.clone(), template: Arc::clone(&self.template) };
+            // The child owns its place now: its drop releases it. Its
+            // network before it runs: the parent's egress, a namespace of its own.
+            let net = inner.connect(&vm, spec.egress)?;
+            let child = RunningGuest { vm, net, inner: inner.clone(), template: Arc::clone(&self.template) };
             child.vm.status().label(inner.cfg.log.clone(), Some(spec.sandbox_id.clone()));
             // Fresh clock and entropy before anything else it runs.
             child.vm.channel().send_hello().map_err(|e| GuestError::Failed(e.to_string()))?;
@@ -678,8 +715,15 @@ impl VmFactory {
                 return Err(GuestError::Internal(format!("resume: {e}")));
             }
         };
+        let net = match inner.connect(&vm, spec.egress) {
+            Ok(n) => n,
+            Err(e) => {
+                inner.spaces.release(space);
+                return Err(e);
+            }
+        };
         ticket.admit();
-        let guest = RunningGuest { vm, inner: inner.clone(), template };
+        let guest = RunningGuest { vm, net, inner: inner.clone(), template };
         guest.vm.status().label(inner.cfg.log.clone(), Some(spec.sandbox_id.clone()));
         inner.spaces.consumed(space);
         guest.vm.channel().send_hello().map_err(|e| GuestError::Failed(e.to_string()))?;
@@ -749,7 +793,8 @@ impl VmFactory {
             }
         };
         // The guest owns the place now: its drop releases it, whatever happens next.
-        let guest = RunningGuest { vm, inner: inner.clone(), template };
+        let mut guest = RunningGuest { vm, net: None, inner: inner.clone(), template };
+        guest.net = inner.connect(&guest.vm, spec.egress)?;
         guest.vm.status().label(inner.cfg.log.clone(), Some(spec.sandbox_id.clone()));
         // The disk it asked for: the device lets it write that far, and the
         // agent grows the file system before it answers its Hello.
@@ -793,6 +838,7 @@ impl VmFactory {
         let created = c.created.load(Ordering::Relaxed);
         serde_json::json!({
             "backend": inner.backend.name(),
+            "network": inner.net.as_ref().map_or_else(|| serde_json::json!({"enabled": false}), HostNet::figures),
             "templates": templates,
             "pool_hits": c.pool_hits.load(Ordering::Relaxed),
             "pool_misses": c.pool_misses.load(Ordering::Relaxed),

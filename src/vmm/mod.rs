@@ -24,6 +24,7 @@ pub mod sized;
 pub mod space;
 pub mod state;
 pub mod factory;
+pub mod hostnet;
 pub mod persist;
 pub mod scratch;
 pub mod template;
@@ -122,6 +123,9 @@ pub enum VmmError {
     /// A VM thread could not install its seccomp filter (it did not run).
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// Sandbox networking on the host.
+    #[error(transparent)]
+    Net(#[from] hostnet::NetError),
 }
 
 /// Who a VM is in log lines: its name, the sandbox it serves, the logger.
