@@ -3,6 +3,7 @@
 
 pub mod exec;
 pub mod http;
+pub mod netlab;
 pub mod process;
 pub mod vector;
 

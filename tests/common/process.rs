@@ -32,6 +32,9 @@ fn start(mut cmd: Command, addr: SocketAddr, log: &Path, env: &[(&str, &str)]) -
     cmd.env("PODFLARE_HOSTD_ADDR", addr.to_string())
         .env("PODFLARE_TEMPLATES", "default")
         .env("PODFLARE_LOG_FORMAT", "json")
+        // Tests send nothing off this machine: no resolver unless a test
+        // names its own.
+        .env("PODFLARE_NET_DNS", "none")
         .stdout(Stdio::null())
         .stderr(log);
     for (k, v) in env {
