@@ -1,7 +1,8 @@
 //! A hostile virtio driver: a device behind `MmioTransport` over 128 KiB of
 //! guest memory, driven by a list of operations decoded from fuzz input
 //! (register accesses, descriptor tables, avail ring entries and indices,
-//! notifies, snapshots restored as saved or mutated, host-side console I/O).
+//! notifies, snapshots restored as saved or mutated, host-side console I/O,
+//! frames from the network card's tap).
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +12,7 @@ use podflare_hostd::devices::bus::BusDevice;
 use podflare_hostd::devices::virtio::block::Block;
 use podflare_hostd::devices::virtio::console::{Console, ConsoleHandle, SinkFlow};
 use podflare_hostd::devices::virtio::mmio::{MmioState, MmioTransport, QUEUE_NOTIFY_OFFSET};
+use podflare_hostd::devices::virtio::net::{Net, NetHandle};
 use podflare_hostd::devices::virtio::shared::SharedDevice;
 use podflare_hostd::devices::virtio::{Interrupt, VirtioDevice};
 use podflare_hostd::devices::GuestMemory;
@@ -45,6 +47,17 @@ pub enum Kind {
     Block,
     /// The two-port console, wrapped in `SharedDevice` as the VMM does.
     Console,
+    /// The network card, refusing until OP_PAUSE attaches a tap (a Unix
+    /// datagram socket pair: one frame per message, as a tap).
+    Net,
+}
+
+/// Host side of a network card under test.
+pub struct NetSide {
+    /// The card's handle (attach, tap readiness).
+    pub handle: NetHandle,
+    /// The far end of the tap once attached.
+    pub peer: Option<std::os::unix::net::UnixDatagram>,
 }
 
 fn disk() -> File {
@@ -78,6 +91,8 @@ pub struct Rig {
     pub transport: MmioTransport,
     /// The console's host side (console rigs only).
     pub console: Option<ConsoleSide>,
+    /// The card's host side (net rigs only).
+    pub net: Option<NetSide>,
     pause: Arc<AtomicBool>,
     /// Queue sizes as the driver last read them back.
     sizes: Vec<u16>,
@@ -97,10 +112,22 @@ fn libc_nonblock() -> i32 {
     vmm_sys_util::eventfd::EFD_NONBLOCK
 }
 
-/// A new device of `kind` (and the console's host side).
-pub fn device(kind: Kind, pause: &Arc<AtomicBool>) -> (Box<dyn VirtioDevice>, Option<ConsoleSide>) {
+/// A new network card behind `SharedDevice`, as the VMM builds it.
+pub fn net_device() -> (Box<dyn VirtioDevice>, NetSide) {
+    let model = Arc::new(Mutex::new(Net::new()));
+    let epoll = Arc::new(vmm_sys_util::epoll::Epoll::new().expect("epoll"));
+    let handle = NetHandle::new(model.clone(), epoll);
+    (Box::new(SharedDevice::new(model)), NetSide { handle, peer: None })
+}
+
+/// A new device of `kind` and its host side (console or card).
+pub fn device(kind: Kind, pause: &Arc<AtomicBool>) -> (Box<dyn VirtioDevice>, Option<ConsoleSide>, Option<NetSide>) {
     match kind {
-        Kind::Block => (Box::new(Block::new(disk(), "podflare-fuzz").expect("block")), None),
+        Kind::Block => (Box::new(Block::new(disk(), "podflare-fuzz").expect("block")), None, None),
+        Kind::Net => {
+            let (dev, side) = net_device();
+            (dev, None, Some(side))
+        }
         Kind::Console => {
             let pause = pause.clone();
             let sink = Box::new(move |port: u32, bytes: &[u8]| {
@@ -115,7 +142,7 @@ pub fn device(kind: Kind, pause: &Arc<AtomicBool>) -> (Box<dyn VirtioDevice>, Op
             let (model, handle) = Console::new(&PORT_NAMES, sink).expect("console");
             let model = Arc::new(Mutex::new(model));
             let dev = Box::new(SharedDevice::new(model.clone()));
-            (dev, Some(ConsoleSide { model, handle }))
+            (dev, Some(ConsoleSide { model, handle }), None)
         }
     }
 }
@@ -124,11 +151,11 @@ impl Rig {
     /// A device of `kind` in reset state over zeroed memory.
     pub fn new(kind: Kind) -> Self {
         let pause = Arc::new(AtomicBool::new(false));
-        let (dev, console) = device(kind, &pause);
+        let (dev, console, net) = device(kind, &pause);
         let mem = memory(MEM_SIZE);
         let transport = MmioTransport::new(dev, mem.clone(), interrupt());
         let n = transport.num_queues();
-        Rig { kind, mem, transport, console, pause, sizes: vec![0; n], avail_idx: vec![0; n] }
+        Rig { kind, mem, transport, console, net, pause, sizes: vec![0; n], avail_idx: vec![0; n] }
     }
 
     fn reg_write(&mut self, off: u64, v: u32) {
@@ -184,11 +211,12 @@ impl Rig {
     /// Replaces the transport with one restored from `state` on a fresh
     /// device; returns whether the restore was accepted.
     pub fn restore(&mut self, state: &MmioState) -> bool {
-        let (dev, console) = device(self.kind, &self.pause);
+        let (dev, console, net) = device(self.kind, &self.pause);
         match MmioTransport::restore(state, dev, self.mem.clone(), interrupt()) {
             Ok(t) => {
                 self.transport = t;
                 self.console = console;
+                self.net = net;
                 true
             }
             Err(_) => false,
@@ -291,13 +319,35 @@ impl Rig {
                     // Far below the pending limit, so this never blocks.
                     let _ = c.handle.send(u32::from(port), data);
                 }
+                // A frame from the network (the socket may be full: dropped).
+                if let Some(NetSide { handle, peer: Some(peer) }) = &self.net {
+                    let _ = peer.send(data);
+                    handle.tap_readable();
+                }
             }
             OP_HOST_OUTPUT => {
                 if let Some(c) = &self.console {
                     c.model.lock().unwrap_or_else(|e| e.into_inner()).process_host_output();
                 }
+                // The network takes what the guest sent: never more than a frame each.
+                if let Some(NetSide { peer: Some(peer), .. }) = &self.net {
+                    let mut buf = vec![0u8; 2048];
+                    while let Ok(n) = peer.recv(&mut buf) {
+                        assert!(n <= 1514, "a frame of {n} bytes left the card");
+                    }
+                }
             }
-            OP_PAUSE => self.pause.store(r.u8() & 1 == 1, Ordering::Relaxed),
+            OP_PAUSE => {
+                self.pause.store(r.u8() & 1 == 1, Ordering::Relaxed);
+                // The card gets its tap (once).
+                if let Some(side) = self.net.as_mut().filter(|n| n.peer.is_none()) {
+                    let (tap, peer) = std::os::unix::net::UnixDatagram::pair().expect("socket pair");
+                    tap.set_nonblocking(true).expect("nonblocking");
+                    peer.set_nonblocking(true).expect("nonblocking");
+                    side.handle.attach_tap(File::from(std::os::fd::OwnedFd::from(tap))).expect("attach");
+                    side.peer = Some(peer);
+                }
+            }
             OP_RESUME => {
                 let port = r.u8() % 3;
                 if let Some(c) = &self.console {

@@ -23,6 +23,15 @@ const NEXT: u16 = 1;
 const WRITE: u16 = 2;
 const BLOCK_FEATURES: u64 = (1 << 32) | (1 << 5) | (1 << 2);
 const CONSOLE_FEATURES: u64 = (1 << 32) | 1;
+const NET_FEATURES: u64 = (1 << 32) | (1 << 5);
+/// A TCP SYN from the guest (172.16.0.2) to 10.0.0.7:80 behind a zeroed
+/// 12-byte virtio-net header.
+const SYN: [u8; 66] = [
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, // virtio_net_hdr_v1
+    6, 0, 0xac, 0x10, 0, 1, 6, 0, 0xac, 0x10, 0, 2, 8, 0, // Ethernet
+    0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0, 172, 16, 0, 2, 10, 0, 0, 7, // IPv4
+    0xc0, 1, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 2, 0xff, 0xff, 0, 0, 0, 0, // TCP
+];
 
 /// Named seed inputs of one target.
 type Seeds = Vec<(&'static str, Vec<u8>)>;
@@ -141,6 +150,25 @@ fn console_ops() -> Ops {
     o
 }
 
+/// The card refuses a SYN (the answer lands in a receive buffer), is
+/// snapshotted, gets its tap, sends the SYN out and receives a frame.
+fn net_ops() -> Ops {
+    let mut o = Ops::default();
+    let d = DATA_START;
+    o.init(NET_FEATURES, [3; 6]);
+    for i in 0..2u16 {
+        o.desc(0, i, d + 0x800 * u64::from(i), 0x800, WRITE, 0).avail(0, i);
+    }
+    o.notify(0);
+    o.mem(d as u32 + 0x2000, &SYN).desc(1, 0, d + 0x2000, SYN.len() as u32, 0, 0).avail(1, 0).notify(1);
+    o.op(virtio::OP_SNAPSHOT);
+    o.op(virtio::OP_PAUSE).0.u8(0);
+    o.desc(1, 1, d + 0x2000, SYN.len() as u32, 0, 0).avail(1, 1).notify(1);
+    o.op(virtio::OP_HOST_OUTPUT);
+    o.send(0, &SYN[12..]);
+    o
+}
+
 fn snapshot_payload() -> Vec<u8> {
     let mut devices = Vec::new();
     let serial = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap(), ConsoleLog::new(64)).unwrap();
@@ -174,6 +202,7 @@ fn all() -> Vec<(&'static str, Seeds)> {
         ("proto_decoder", proto()),
         ("virtio_block", vec![("read_get_id", block_ops().bytes())]),
         ("virtio_console", vec![("handshake_io", console_ops().bytes())]),
+        ("virtio_net", vec![("refuse_then_tap", net_ops().bytes())]),
         ("ring", vec![("both_ways", ring_ops().bytes())]),
         ("http_request", http()),
         ("router", router()),
@@ -232,6 +261,16 @@ fn device_seeds_reach_the_data_paths() {
     assert_eq!(&got[..], &want[..], "sector 1 was not read");
     let status: [u8; 2] = rig.mem.read_obj(GuestAddress(d + 0x1000)).unwrap();
     assert_eq!(status, [0, 0], "read and GET_ID did not both succeed");
+
+    // The net seed: the refusal in buffer 0, the tap's frame in buffer 1.
+    let mut rig = Rig::new(Kind::Net);
+    rig.run(&mut Reader::new(&net_ops().bytes()));
+    let mut icmp = [0u8; 2];
+    rig.mem.read_slice(&mut icmp, GuestAddress(d + 12 + 34)).unwrap();
+    assert_eq!(icmp, [3, 13], "the SYN was not refused");
+    let mut frame = [0u8; 54];
+    rig.mem.read_slice(&mut frame, GuestAddress(d + 0x800 + 12)).unwrap();
+    assert_eq!(&frame[..], &SYN[12..], "the tap's frame did not arrive");
 
     let mut rig = RingRig::new();
     rig.run(&mut Reader::new(&ring_ops().bytes()));
