@@ -7,7 +7,8 @@
 //! skipped without it), `PODFLARE_BENCH_COLD_BOOTS` (3), `PODFLARE_BENCH_IDLE_MAX`
 //! (1100: cap on the idle-density run), `PODFLARE_BENCH_QEMU` (path of
 //! scripts/qemu-boot; the QEMU figure is skipped without it), `PODFLARE_BENCH_ONLY`
-//! (comma list of setup,restore,memory,throughput,ring,fork,spaces,http,sdk,pty,pool,idle,density,cold);
+//! (comma list of setup,restore,memory,throughput,ring,fork,spaces,net,http,sdk,pty,pool,idle,density,cold);
+//! `PODFLARE_BENCH_NET_MIB` (16: bytes each way in the net throughput row);
 //! `PODFLARE_BENCH_RING_MIB` (64: bytes each way in the ring throughput rows);
 //! `PODFLARE_BENCH_SDK_PYTHON` (a Python with the `podflare` SDK: the sdk
 //! rows are not measured without it);
@@ -49,6 +50,8 @@ mod fork;
 mod http;
 #[path = "vmm/memory.rs"]
 mod memory_rows;
+#[path = "vmm/net.rs"]
+mod net;
 #[path = "vmm/ring.rs"]
 mod ring;
 #[path = "vmm/spaces.rs"]
@@ -732,6 +735,7 @@ fn main() {
     section(&mut b, "ring", &mut |b| ring::bench_ring(b, &f));
     section(&mut b, "fork", &mut |b| fork::bench_fork(b, &f));
     section(&mut b, "spaces", &mut |b| spaces::bench_spaces(b, &f));
+    section(&mut b, "net", &mut |b| net::bench_net(b, &f));
     if let Ok(base) = std::env::var("PODFLARE_BENCH_HTTP") {
         section(&mut b, "http", &mut |b| http::bench_http(b, &base));
         section(&mut b, "sdk", &mut |b| ring::bench_sdk_files(b, &base));
