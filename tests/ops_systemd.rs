@@ -125,7 +125,9 @@ fn the_unit_file_says_what_hostd_needs() {
     assert_eq!(get("ExecStart"), ["/usr/local/bin/podflare-hostd"]);
     assert_eq!(get("NoNewPrivileges"), ["yes"]);
     assert_eq!(get("DevicePolicy"), ["closed"]);
-    assert_eq!(get("DeviceAllow"), ["/dev/kvm rw"]);
+    assert_eq!(get("DeviceAllow"), ["/dev/kvm rw", "/dev/net/tun rw"]);
+    // Sandbox networking keeps its lock and saved setting there.
+    assert_eq!(get("RuntimeDirectory"), ["podflare"]);
     assert_eq!(get("ProtectSystem"), ["strict"]);
     // What hostd writes must be what it is told to use.
     let cache = get("Environment").iter().find_map(|e| e.strip_prefix("PODFLARE_CACHE=")).map(str::to_string);
