@@ -198,6 +198,9 @@ pub fn allowed(kind: ThreadKind) -> Result<Rules, BackendError> {
             thread_start(&mut r)?;
             vm_build(&mut r)?;
             snapshot_files(&mut r);
+            // A new template's memory file locked in RAM (a shared,
+            // read-only mapping: the runtime group's mmap rule).
+            any(&mut r, &[libc::SYS_mlock]);
         }
         // Dropping VMs (kicks, joins, closes, unmaps) needs only the runtime;
         // the memory watchdog reads /proc/meminfo and /proc/self/pagemap.

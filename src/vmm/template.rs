@@ -10,6 +10,7 @@ use kvm_ioctls::Kvm;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::memory;
 use super::scratch;
 use super::snapshot::{self, SnapshotFile, SnapshotMeta};
 use super::vm::{self, Vm, VmSpec};
@@ -68,6 +69,9 @@ pub struct Template {
     pub disk_file: File,
     /// Its snapshot's state and metadata.
     pub snap: SnapshotFile,
+    /// The memory file's data locked in RAM (None if the host refused:
+    /// then host reclaim may evict what every restore shares).
+    pub resident: Option<memory::ResidentFile>,
 }
 
 fn file_identity(path: &Path) -> Result<String, VmmError> {
@@ -197,7 +201,8 @@ fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name
                     &[("template", json!(name)), ("ram_mib", json!(cfg.guest_ram_mib)), ("dir", json!(dir.display().to_string()))],
                 );
                 let (memory_file, disk_file) = (open_file(&memory_path)?, open_file(&disk_path)?);
-                return Ok(Some(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, disk_file, snap }));
+                let resident = lock_memory(cfg, name, &memory_file);
+                return Ok(Some(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, disk_file, snap, resident }));
             }
             Ok(_) => cfg.log.warn(
                 "template snapshot memory or disk file is missing or the wrong size; rebuilding",
@@ -215,7 +220,29 @@ fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name
     let snap = build_snapshot(kvm, cfg, backend, name, (&rootfs, &pristine), &dir, expect)?;
     let (memory_file, disk_file) = (open_file(&memory_path)?, open_file(&disk_path)?);
     remove_stale_snapshots(&cfg.log, &dir);
-    Ok(Some(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, disk_file, snap }))
+    let resident = lock_memory(cfg, name, &memory_file);
+    Ok(Some(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, disk_file, snap, resident }))
+}
+
+/// Locks the template's memory file in RAM ([`memory::ResidentFile`]). A
+/// refusal (no CAP_IPC_LOCK and a small RLIMIT_MEMLOCK) is logged, not
+/// fatal: restores work the same, only slower once reclaim evicts pages.
+fn lock_memory(cfg: &VmmConfig, name: &str, file: &File) -> Option<memory::ResidentFile> {
+    let len = cfg.guest_ram_mib << 20;
+    match memory::lock_resident(file, len) {
+        Ok(r) => {
+            let mib = (r.locked_bytes as f64 / 1048576.0 * 10.0).round() / 10.0;
+            cfg.log.info("template memory locked in RAM", &[("template", json!(name)), ("ram_mib", json!(cfg.guest_ram_mib)), ("locked_mib", json!(mib))]);
+            Some(r)
+        }
+        Err(e) => {
+            cfg.log.warn(
+                "template memory not locked in RAM (host reclaim may evict it)",
+                &[("template", json!(name)), ("cause", json!(e.to_string()))],
+            );
+            None
+        }
+    }
 }
 
 fn open_file(path: &Path) -> Result<File, VmmError> {
