@@ -345,6 +345,18 @@ fn thread_activity(name: &str) -> (u64, u64) {
     panic!("no thread named {name}");
 }
 
+/// The fair-class slice of the thread called `name` (`se.slice`).
+fn thread_slice(name: &str) -> Duration {
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task").flatten() {
+        if std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim() == name {
+            let sched = std::fs::read_to_string(task.path().join("sched")).expect("sched of the thread");
+            let line = sched.lines().find(|l| l.starts_with("se.slice")).expect("this kernel shows se.slice");
+            return Duration::from_nanos(line.split(':').nth(1).unwrap().trim().parse().unwrap());
+        }
+    }
+    panic!("no thread named {name}");
+}
+
 /// An idle guest must not tick: it runs on the local APIC's TSC-deadline
 /// timer (the MP table describes it), the PIT stays silent, and with no
 /// periodic work left the tick stops (NO_HZ_IDLE). Counted from the host
@@ -408,6 +420,12 @@ fn restored_guest_goes_quiet() {
     let Some(f) = factory() else { return };
     let g = f.create_running(&spec()).expect("create");
     let vcpu = format!("{}-vcpu0", g.vm().name());
+    // Its thread asked for the configured slice (PODFLARE_VCPU_SLICE_MS):
+    // fewer preemptions, fewer ticks a resumed guest pays first.
+    let slice = config().vcpu_slice;
+    if !slice.is_zero() {
+        assert_eq!(thread_slice(&vcpu), slice, "scheduling slice of {vcpu}");
+    }
     let (_, ticks0) = thread_activity(&vcpu);
     std::thread::sleep(Duration::from_secs(3));
     let (_, ticks1) = thread_activity(&vcpu);

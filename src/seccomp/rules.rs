@@ -73,6 +73,8 @@ fn thread_start(r: &mut Rules) -> Built {
     // The child's start: robust list, rseq, its name.
     any(r, &[libc::SYS_set_robust_list, libc::SYS_rseq]);
     when(r, libc::SYS_prctl, 0, Op::Eq, libc::PR_SET_NAME as u64)?;
+    // A vCPU thread's scheduling slice, its own only (pid 0: the caller).
+    when(r, libc::SYS_sched_setattr, 0, Op::Eq, 0)?;
     // Then it installs its own filters (only ever narrowing).
     when(r, libc::SYS_prctl, 0, Op::Eq, libc::PR_SET_NO_NEW_PRIVS as u64)?;
     when(r, libc::SYS_seccomp, 0, Op::Eq, u64::from(libc::SECCOMP_SET_MODE_FILTER))

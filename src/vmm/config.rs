@@ -49,6 +49,10 @@ pub struct VmmConfig {
     /// sleeps. Back-to-back execs inside it cost the guest no system call;
     /// the guest's vCPU spins meanwhile. 0: sleep at once.
     pub guest_poll: Duration,
+    /// `PODFLARE_VCPU_SLICE_MS` (default 20, at most 100; 0: the kernel's
+    /// default): the scheduling slice vCPU threads ask for
+    /// ([`super::threads::apply_vcpu_slice`] says why).
+    pub vcpu_slice: Duration,
     /// Sandbox networking: `PODFLARE_NETWORK` (`on`, the default, or
     /// `off`: no sandbox has a path out, whatever it asks), with
     /// `PODFLARE_NET_SUBNET` (default `10.201.0.0/16`: a /30 per sandbox
@@ -141,6 +145,10 @@ impl VmmConfig {
             guest_poll: match env_or("PODFLARE_GUEST_POLL_MS", 10u64)? {
                 ms @ 0..=1000 => Duration::from_millis(ms),
                 ms => return Err(format!("PODFLARE_GUEST_POLL_MS={ms}: from 0 to 1000")),
+            },
+            vcpu_slice: match env_or("PODFLARE_VCPU_SLICE_MS", 20u64)? {
+                ms @ 0..=100 => Duration::from_millis(ms),
+                ms => return Err(format!("PODFLARE_VCPU_SLICE_MS={ms}: from 0 to 100")),
             },
             network: network_from_env()?,
         })

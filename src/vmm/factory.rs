@@ -152,6 +152,7 @@ impl VmFactory {
         let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
         raise_map_count(&cfg.log);
         super::channel::set_default_poll_window(cfg.guest_poll);
+        super::threads::set_vcpu_slice(cfg.vcpu_slice);
         let backend = Backend::detect();
         let what = match backend {
             Backend::Pvm => "kvm_pvm loaded: guest kernel is emulated, PVM guest settings applied",

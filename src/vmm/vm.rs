@@ -351,9 +351,12 @@ impl Vm {
             mmio: Arc::new(devices.bus(BusKind::Mmio)?),
             status: status.clone(),
             msr_indices,
-            // Each vCPU thread narrows itself before its first KVM_RUN; an
-            // error fails the VM (see `ThreadStartHook`).
-            on_thread_start: Some(Arc::new(|_| seccomp::install(ThreadKind::Vcpu).map_err(|e| e.to_string()))),
+            // Each vCPU thread takes its slice and narrows itself before its
+            // first KVM_RUN; a filter error fails the VM (see `ThreadStartHook`).
+            on_thread_start: Some(Arc::new(|_| {
+                super::threads::apply_vcpu_slice();
+                seccomp::install(ThreadKind::Vcpu).map_err(|e| e.to_string())
+            })),
         });
         let mut vcpus = Vec::new();
         for (i, fd) in fds.into_iter().enumerate() {
