@@ -43,6 +43,12 @@ pub const MAX_FORK_LAYERS: usize = 8;
 /// the factory's `vm.max_map_count`).
 pub const MAX_LAYER_RUNS: usize = 384;
 const CONSOLE_LOG_BYTES: usize = 64 << 10;
+/// How long a vCPU thread may take to answer a command (pause, resume,
+/// save, restore state). It answers between two KVM_RUNs, within
+/// microseconds when it gets a CPU; the bound is for a host whose threads
+/// wait their turn: 800 sandboxes being created on 2 cores once saw a
+/// resume wait past 5 s.
+const VCPU_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a VM is made of, apart from its memory.
 #[derive(Debug, Clone)]
@@ -382,7 +388,7 @@ impl Vm {
     fn all_vcpus(&self, cmd: fn() -> VcpuCommand, want: fn(&VcpuReply) -> bool) -> Result<Vec<VcpuReply>, VmmError> {
         let mut replies = Vec::new();
         for v in &self.vcpus {
-            let reply = v.command(cmd(), Duration::from_secs(5)).map_err(VmmError::Vcpu)?;
+            let reply = v.command(cmd(), VCPU_REPLY_TIMEOUT).map_err(VmmError::Vcpu)?;
             if !want(&reply) {
                 return Err(VmmError::Vcpu(format!("unexpected vCPU reply {reply:?}")));
             }
@@ -400,7 +406,7 @@ impl Vm {
             v.post(VcpuCommand::Resume).map_err(VmmError::Vcpu)?;
         }
         for v in all() {
-            match v.reply(Duration::from_secs(5)).map_err(VmmError::Vcpu)? {
+            match v.reply(VCPU_REPLY_TIMEOUT).map_err(VmmError::Vcpu)? {
                 VcpuReply::Resumed => {}
                 other => return Err(VmmError::Vcpu(format!("unexpected vCPU reply {other:?}"))),
             }
