@@ -30,7 +30,6 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -349,13 +348,7 @@ fn make_slot_at(shared: &Shared, index: u32) -> Result<NetSlot, NetError> {
         let tap = open_tap("tap0")?;
         Ok::<_, NetError>((ns, tap))
     })();
-    if let Err(e) = setns(&shared.root, CloneFlags::CLONE_NEWNET) {
-        // This thread cannot get home: stop making slots rather than make
-        // them in the wrong place.
-        shared.log.error("the namespace thread cannot return to the host namespace", &[("cause", json!(e.to_string()))]);
-        lock(&shared.state).stop = true;
-        return Err(NetError::Step { what: "return to the host namespace".into(), why: e.to_string() });
-    }
+    go_home(shared)?;
     let (ns, tap) = inside?;
     let link = format!("pfv{index}");
     let (host_side, ns_side) = shared.cfg.addresses(index);
@@ -372,11 +365,11 @@ fn make_slot_at(shared: &Shared, index: u32) -> Result<NetSlot, NetError> {
         gw = dotted(GATEWAY_IP),
         pid = std::process::id(),
     );
-    run("configure the namespace", "ip", &["-batch", "-"], &inside_batch, Some(&ns))?;
+    run("configure the namespace", "ip", &["-batch", "-"], &inside_batch, Some((&ns, shared)))?;
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{link}/disable_ipv6"), "1");
     let host_batch = format!("addr add {host_side}/30 dev {link}\nlink set {link} up\n");
     run("configure the host side", "ip", &["-batch", "-"], &host_batch, None)?;
-    run("install the namespace's rules", "nft", &["-f", "-"], &namespace_rules(&shared.cfg, ns_side), Some(&ns))?;
+    run("install the namespace's rules", "nft", &["-f", "-"], &namespace_rules(&shared.cfg, ns_side), Some((&ns, shared)))?;
     Ok(NetSlot { index, _ns: ns, tap: Some(tap), free: shared.free.clone() })
 }
 
@@ -437,27 +430,40 @@ fn open_tap(name: &str) -> Result<File, NetError> {
     Ok(file)
 }
 
-/// Runs `program args` with `input` on stdin, inside namespace `ns` if
-/// given; an error carries its stderr.
-fn run(what: &str, program: &str, args: &[&str], input: &str, ns: Option<&File>) -> Result<(), NetError> {
+/// Brings this thread back to the host's namespace. If it cannot get home
+/// it stops making slots rather than make them in the wrong place.
+fn go_home(shared: &Shared) -> Result<(), NetError> {
+    setns(&shared.root, CloneFlags::CLONE_NEWNET).map_err(|e| {
+        shared.log.error("the namespace thread cannot return to the host namespace", &[("cause", json!(e.to_string()))]);
+        lock(&shared.state).stop = true;
+        NetError::Step { what: "return to the host namespace".into(), why: e.to_string() }
+    })
+}
+
+/// Runs `program args` with `input` on stdin, inside namespace `ns` (then
+/// this thread returns home through `shared`) if given; an error carries its
+/// stderr.
+///
+/// The child is started from inside the namespace (this thread enters it,
+/// spawns, and comes back) rather than entering it itself: a child that
+/// must run code before exec makes the standard library fork, and a fork
+/// copies the page tables of every VM in the process while holding its
+/// address-space lock, which stalls every vCPU's page faults (160 sandboxes:
+/// creates crawled at one per ~10 s). Without such code the child is a
+/// `posix_spawn` that shares the address space until exec.
+fn run(what: &str, program: &str, args: &[&str], input: &str, ns: Option<(&File, &Shared)>) -> Result<(), NetError> {
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-    if let Some(ns) = ns {
-        let fd = ns.as_raw_fd();
-        // SAFETY: the closure runs in the forked child before exec and only
-        // makes one system call (setns) on a descriptor the child inherited
-        // (`ns` outlives `spawn`); it allocates nothing and takes no lock.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
+    let spawned = match ns {
+        Some((ns, shared)) => {
+            setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| NetError::Step { what: format!("{what}: enter the namespace"), why: e.to_string() })?;
+            let spawned = cmd.spawn();
+            go_home(shared)?;
+            spawned
         }
-    }
-    let mut child = cmd.spawn().map_err(step(format!("{what}: start {program}")))?;
+        None => cmd.spawn(),
+    };
+    let mut child = spawned.map_err(step(format!("{what}: start {program}")))?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(input.as_bytes());
     }
