@@ -155,7 +155,6 @@ pub fn lock_resident(file: &File, len: u64) -> Result<ResidentFile, MemoryError>
         return Err(err(std::io::Error::last_os_error()));
     }
     let mut resident = ResidentFile { addr, len: size, locked_bytes: 0 };
-    keep_from_children(addr.cast(), size)?;
     for (start, end) in extents {
         // SAFETY: [start, end) lies inside the mapping just made (extents
         // are clipped to `len`) and is page aligned.
@@ -176,22 +175,7 @@ impl Drop for ResidentFile {
     }
 }
 
-/// Marks a mapping of guest RAM `MADV_DONTFORK`: a child process hostd
-/// starts (the network's `ip` and `nft`) never inherits it. A fork copies
-/// the page tables of every mapping it inherits while it holds the
-/// process's address-space lock, during which every vCPU's page fault
-/// waits; with guest RAM left out that copy no longer grows with the VMs.
-fn keep_from_children(addr: *mut u8, len: usize) -> Result<(), MemoryError> {
-    // SAFETY: madvise changes only how [addr, addr+len) is inherited; the
-    // caller passes a whole mapping (or part of one) it owns.
-    if unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTFORK) } != 0 {
-        return Err(MemoryError::Map(format!("madvise(MADV_DONTFORK): {}", std::io::Error::last_os_error())));
-    }
-    Ok(())
-}
-
 fn from_region(region: MmapRegion<()>) -> Result<GuestMemory, MemoryError> {
-    keep_from_children(region.as_ptr(), region.size())?;
     let region = GuestRegionMmap::new(region, GuestAddress(0))
         .ok_or_else(|| MemoryError::Map("region does not fit the guest address space".into()))?;
     GuestMemory::from_regions(vec![region]).map_err(|e| MemoryError::Map(e.to_string()))
@@ -579,8 +563,6 @@ pub unsafe fn map_image_runs(mem: &GuestMemory, image: &ForkImage, runs: &[PageR
         if got == libc::MAP_FAILED {
             return Err(MemoryError::Map(format!("mapping the fork image: {}", std::io::Error::last_os_error())));
         }
-        // A new mapping: it does not keep the one it replaced's advice.
-        keep_from_children(got.cast(), bytes as usize)?;
     }
     Ok(())
 }
@@ -767,41 +749,6 @@ mod tests {
             }
         }
         kb
-    }
-
-    /// Whether every mapping within [addr, addr + len) is kept from child
-    /// processes (VmFlags "dc" in /proc/self/smaps), and how many there are.
-    fn kept_from_children(addr: usize, len: usize) -> (bool, usize) {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let (mut inside, mut all, mut n) = (false, true, 0);
-        for line in smaps.lines() {
-            let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
-            if let Some((Ok(start), Ok(end))) = range.map(|(a, b)| (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))) {
-                inside = start >= addr && end <= addr + len;
-            } else if let (true, Some(flags)) = (inside, line.strip_prefix("VmFlags:")) {
-                n += 1;
-                all &= flags.split_whitespace().any(|f| f == "dc");
-            }
-        }
-        (all, n)
-    }
-
-    #[test]
-    fn guest_ram_is_kept_from_child_processes() {
-        let mem = anonymous(4 << 20).unwrap();
-        mem.write_slice(b"own", GuestAddress(0x1000)).unwrap();
-        let (host, len) = region_of(&mem).unwrap();
-        assert_eq!(kept_from_children(host as usize, len as usize), (true, 1));
-        // A fork image mapped over part of it: new mappings, kept out too.
-        let mut builder = ImageBuilder::new(&mem).unwrap();
-        let runs = vec![PageRun { first: 1, pages: 1 }];
-        // SAFETY: nothing else uses `mem` in this test.
-        unsafe { builder.copy(&mem, &pages_of(&runs, (len / PAGE as u64) as usize), Zeros::Skip) }.unwrap();
-        let image = builder.seal(runs).unwrap();
-        // SAFETY: `mem` backs no VM, and no reference into it is held.
-        unsafe { map_image(&mem, &image).unwrap() };
-        let (all, n) = kept_from_children(host as usize, len as usize);
-        assert!(all && n == 3, "{n} mappings after the overlay, all kept from children: {all}");
     }
 
     #[test]
