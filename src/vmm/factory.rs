@@ -211,7 +211,7 @@ impl VmFactory {
             let t = t?;
             templates.insert(t.name.clone(), Arc::new(t));
         }
-        let admission = Admission::new(cfg.max_sandboxes, cfg.max_guest_memory_mib, cfg.memory_floor_mib);
+        let admission = Admission::new(sandboxes_within_fd_limit(&cfg), cfg.max_guest_memory_mib, cfg.memory_floor_mib);
         let spaces = Spaces::open(cfg.spaces_dir.clone(), &cfg.log).map_err(|e| VmmError::Guest(e.to_string()))?;
         let sized = SizedTemplates::start(&cfg, backend)?;
         let inner = Arc::new(Inner {
@@ -326,6 +326,36 @@ impl Inner {
         ScratchDisk::copy_of(base, &self.disks_dir, scratch::BASE_FS_BYTES)
             .map_err(|e| VmmError::File { path: self.disks_dir.display().to_string(), source: e })
     }
+}
+
+/// Open files one sandbox holds at most (KVM fds, eventfds for its
+/// devices' interrupts and notifications, disks, memory file, tap): ~30
+/// measured, with a margin.
+const FDS_PER_SANDBOX: u64 = 32;
+/// Open files kept for everything else (HTTP connections, hostd's own).
+const FDS_RESERVED: u64 = 1024;
+
+/// How many sandboxes an open-file limit of `soft` holds.
+fn sandboxes_fitting(soft: u64) -> usize {
+    usize::try_from(soft.saturating_sub(FDS_RESERVED) / FDS_PER_SANDBOX).unwrap_or(usize::MAX)
+}
+
+/// `PODFLARE_MAX_SANDBOXES`, lowered (and said so) where the process's
+/// open-file limit cannot hold that many: past it creates would fail with
+/// EMFILE; within it the next one is refused as at the count limit.
+fn sandboxes_within_fd_limit(cfg: &VmmConfig) -> usize {
+    let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) else {
+        return cfg.max_sandboxes;
+    };
+    let fit = sandboxes_fitting(soft);
+    if fit < cfg.max_sandboxes {
+        cfg.log.warn(
+            "the open-file limit holds fewer sandboxes than PODFLARE_MAX_SANDBOXES; admitting at most that many (raise the limit, e.g. LimitNOFILE)",
+            &[("open_file_limit", json!(soft)), ("max_sandboxes", json!(cfg.max_sandboxes)), ("admitted_at_most", json!(fit))],
+        );
+        return fit;
+    }
+    cfg.max_sandboxes
 }
 
 fn pool_filler(inner: std::sync::Weak<Inner>) {
@@ -855,5 +885,19 @@ impl VmFactory {
             "memory_limit_mib": inner.cfg.max_guest_memory_mib,
             "memory_floor_mib": inner.admission.floor_mib(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_file_limit_bounds_the_sandbox_count() {
+        // A shell's 20,000: the density run that hit EMFILE held 665.
+        assert_eq!(sandboxes_fitting(20_000), 593);
+        assert_eq!(sandboxes_fitting(1 << 20), 32_736);
+        assert_eq!(sandboxes_fitting(1024), 0, "nothing left after the reserve");
+        assert_eq!(sandboxes_fitting(0), 0);
     }
 }
