@@ -4,7 +4,7 @@
 //! table; figures are medians of several runs within this one run.
 //!
 //! Env: `PODFLARE_BENCH_HTTP` (base URL of a running hostd; HTTP rows are
-//! skipped without it), `PODFLARE_BENCH_COLD_BOOTS` (3), `PODFLARE_BENCH_IDLE_MAX`
+//! skipped without it), `PODFLARE_BENCH_COLD_BOOTS` (3), `PODFLARE_BENCH_DENSITY_MINUTES` (60: the density run's time bound), `PODFLARE_BENCH_IDLE_MAX`
 //! (1100: cap on the idle-density run), `PODFLARE_BENCH_QEMU` (path of
 //! scripts/qemu-boot; the QEMU figure is skipped without it), `PODFLARE_BENCH_ONLY`
 //! (comma list of setup,restore,memory,throughput,ring,fork,spaces,net,http,sdk,pty,pool,idle,density,cold);
@@ -591,11 +591,20 @@ fn cpu_seconds() -> f64 {
 
 fn bench_density(b: &mut Bench, f: &VmFactory) {
     let max = b.knob("PODFLARE_BENCH_IDLE_MAX", 1100, 10);
+    // Creates slow down as the count grows: the run stops at this bound
+    // too, and says so, rather than run on for hours.
+    let bound = Duration::from_secs(60 * b.knob("PODFLARE_BENCH_DENSITY_MINUTES", 60, 5) as u64);
     let spec = GuestSpec { template: "default".into(), egress: true, sandbox_id: String::new(), ram_mib: None, rootfs_gb: None };
     let mut live = Vec::new();
     let started = Instant::now();
     let mut refused = None;
-    while live.len() < max {
+    // Progress: the count at each whole tenth of the bound.
+    let mut marks = Vec::new();
+    while live.len() < max && started.elapsed() < bound {
+        let tenth = (started.elapsed().as_secs_f64() / bound.as_secs_f64() * 10.0) as usize;
+        if tenth >= marks.len() {
+            marks.push(format!("{}@{:.0}s", live.len(), started.elapsed().as_secs_f64()));
+        }
         match f.create(&spec) {
             Ok(g) => live.push(g),
             Err(e) => {
@@ -612,11 +621,16 @@ fn bench_density(b: &mut Bench, f: &VmFactory) {
     let cpu = (cpu_seconds() - c0) / t0.elapsed().as_secs_f64();
     let private: u64 = live.iter().take(20).map(|g| g.private_memory_bytes()).sum();
     let per = private as f64 / live.len().clamp(1, 20) as f64 / (1 << 20) as f64;
+    let stop = match refused {
+        Some(r) => format!("admission refused: {r}"),
+        None if live.len() >= max => format!("stopped at the bench cap {max}"),
+        None => format!("stopped at the time bound ({} min, PODFLARE_BENCH_DENSITY_MINUTES)", bound.as_secs() / 60),
+    };
     let note = format!(
-        "{} in {:.1} s; {}; host CPU while idle {:.2} cores; {:.1} MiB private each",
+        "{} in {:.1} s; {stop}; count over time {}; host CPU while idle {:.2} cores; {:.1} MiB private each",
         live.len(),
         took.as_secs_f64(),
-        refused.map(|r| format!("admission refused: {r}")).unwrap_or_else(|| format!("stopped at the bench cap {max}")),
+        marks.join(" "),
         cpu,
         per
     );
@@ -702,6 +716,8 @@ fn main() {
     }
     // The same seccomp setting as hostd (PODFLARE_SECCOMP=0 turns filters off).
     podflare_hostd::seccomp::set_enabled(std::env::var("PODFLARE_SECCOMP").as_deref() != Ok("0"));
+    // As hostd: every sandbox holds ~30 fds, the density run holds many.
+    let _ = podflare_hostd::api::raise_nofile_limit();
     let cfg = VmmConfig::from_env().expect("settings");
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
     let mut b = Bench::from_env();
