@@ -143,7 +143,7 @@ pub struct VmFactory {
 
 impl VmFactory {
     /// Opens KVM, and loads or builds every configured template's snapshot.
-    pub fn open(cfg: VmmConfig) -> Result<VmFactory, VmmError> {
+    pub fn open(mut cfg: VmmConfig) -> Result<VmFactory, VmmError> {
         // Before anything is read from the cache.
         cache::check(&cfg)?;
         for path in cache::remove_leftovers(&cfg) {
@@ -211,7 +211,9 @@ impl VmFactory {
             let t = t?;
             templates.insert(t.name.clone(), Arc::new(t));
         }
-        let admission = Admission::new(sandboxes_within_fd_limit(&cfg), cfg.max_guest_memory_mib, cfg.memory_floor_mib);
+        // The effective limit, also what capacity reports.
+        cfg.max_sandboxes = sandboxes_within_fd_limit(&cfg);
+        let admission = Admission::new(cfg.max_sandboxes, cfg.max_guest_memory_mib, cfg.memory_floor_mib);
         let spaces = Spaces::open(cfg.spaces_dir.clone(), &cfg.log).map_err(|e| VmmError::Guest(e.to_string()))?;
         let sized = SizedTemplates::start(&cfg, backend)?;
         let inner = Arc::new(Inner {
