@@ -458,7 +458,14 @@ fn run(what: &str, program: &str, args: &[&str], input: &str, ns: Option<(&File,
         Some((ns, shared)) => {
             setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| NetError::Step { what: format!("{what}: enter the namespace"), why: e.to_string() })?;
             let spawned = cmd.spawn();
-            go_home(shared)?;
+            if let Err(e) = go_home(shared) {
+                // No zombie left behind: the slot maker stops on this error.
+                if let Ok(mut child) = spawned {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                return Err(e);
+            }
             spawned
         }
         None => cmd.spawn(),

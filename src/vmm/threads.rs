@@ -92,6 +92,10 @@ pub fn set_own_slice(slice: Duration) -> std::io::Result<()> {
         *libc::__errno_location() = 0;
         libc::getpriority(libc::PRIO_PROCESS, 0)
     };
+    let errno = std::io::Error::last_os_error();
+    if nice == -1 && errno.raw_os_error() != Some(0) {
+        return Err(errno);
+    }
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
         policy: libc::SCHED_OTHER as u32,
