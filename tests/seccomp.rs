@@ -257,7 +257,7 @@ fn filtered_workers_and_pool_restore_vms_and_the_reaper_destroys_them() {
             let image = File::open(&rootfs).expect("open image read-only");
             // The VM's own disk: an unnamed file filled from the snapshot's.
             let disk = persist::disk_copy(&dir.join("disk"), &std::env::temp_dir()).expect("copy the disk under the filter");
-            let vm = persist::restore(&kvm, name, Disks { rootfs: image, disk }, memory, &snap).expect("restore");
+            let vm = persist::restore(&kvm, name, Disks { rootfs: image.into(), disk }, memory.into(), &snap).expect("restore");
             vm.pause().expect("pause");
             vm.save_state().expect("save state");
             vm.resume().expect("resume");

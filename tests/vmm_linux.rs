@@ -443,3 +443,63 @@ fn restored_guest_goes_quiet() {
     assert_eq!(py(&g, "print(6 * 7)").trim(), "42");
     eprintln!("first exec after those 6 s: {:?}", t.elapsed());
 }
+
+/// hostd's open files, by what they are (`readlink` of each descriptor,
+/// with the numbers of inode names dropped).
+fn open_files() -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").flatten() {
+        if let Ok(target) = std::fs::read_link(e.path()) {
+            let t = target.display().to_string();
+            out.push(t.split_once(":[").map_or(t.clone(), |(kind, _)| kind.to_string()));
+        }
+    }
+    out
+}
+
+/// The open-file count once it has held still for a second (the network
+/// thread refills its namespaces made ahead in the background).
+fn settled_open_files() -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = open_files();
+    let mut still_since = Instant::now();
+    while Instant::now() < deadline && still_since.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = open_files();
+        if now.len() != last.len() {
+            still_since = Instant::now();
+        }
+        last = now;
+    }
+    last
+}
+
+/// Open files bound how many sandboxes a host holds (hostd admits no more
+/// than its limit fits, `factory::fds_per_sandbox` each): a sandbox keeps
+/// one eventfd per device interrupt and two for its device thread, not one
+/// per queue, shares its template's files, and gives every one back.
+#[test]
+fn a_sandbox_holds_few_open_files_and_gives_them_back() {
+    let _alone = vm_tests_alone();
+    let Some(f) = factory() else { return };
+    // One first: whatever opens once per process is open before counting.
+    drop(f.create_running(&spec()).expect("create"));
+    let before = settled_open_files();
+    let guests: Vec<_> = (0..3).map(|_| f.create_running(&spec()).expect("create")).collect();
+    for g in &guests {
+        assert_eq!(py(g, "print(6 * 7)").trim(), "42");
+    }
+    let with = settled_open_files();
+    let count = |files: &[String], kind: &str| files.iter().filter(|f| f.as_str() == kind).count();
+    let per_sandbox = (with.len() - before.len()) as f64 / 3.0;
+    let eventfds = (count(&with, "anon_inode") as f64 - count(&before, "anon_inode") as f64) / 3.0;
+    let mut kinds: Vec<&String> = with.iter().collect();
+    kinds.sort();
+    kinds.dedup();
+    eprintln!("open files per sandbox: {per_sandbox} (anonymous inodes: {eventfds}); kinds: {kinds:?}");
+    let budget = podflare_hostd::vmm::factory::fds_per_sandbox(config().guest_vcpus);
+    assert!(per_sandbox <= (budget - 2) as f64, "{per_sandbox} open files per sandbox; the admission limit counts {budget} with a margin of 2");
+    drop(guests);
+    let after = settled_open_files();
+    assert!(after.len() <= before.len(), "{} open files before three sandboxes, {} after they ended", before.len(), after.len());
+}

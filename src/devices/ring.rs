@@ -47,7 +47,8 @@ struct Shared {
     busy: AtomicUsize,
     /// The peer asked to stop taking guest bytes.
     paused: AtomicBool,
-    kick: EventFd,
+    /// Possibly shared with the VM's other host-side kicks.
+    kick: Arc<EventFd>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -141,6 +142,13 @@ impl Ring {
     /// The ring of a VM whose RAM is `mem`; the counters the host owns are
     /// read once from guest memory (a restored VM continues its snapshot's).
     pub fn new(mem: &GuestMemory, peer: Box<dyn RingPeer>) -> Result<(Ring, RingHandle), DeviceError> {
+        let kick = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(DeviceError::Io)?);
+        Ring::with_kick(mem, peer, kick)
+    }
+
+    /// As [`Ring::new`], kicking the device thread through `kick`, an
+    /// eventfd the VM's other host-side work may share.
+    pub fn with_kick(mem: &GuestMemory, peer: Box<dyn RingPeer>, kick: Arc<EventFd>) -> Result<(Ring, RingHandle), DeviceError> {
         let last = GuestAddress(layout::BASE + layout::LEN - 1);
         if mem.load::<u8>(last, Ordering::Relaxed).is_err() {
             return Err(DeviceError::BadState("guest RAM does not hold the ring region".into()));
@@ -149,7 +157,7 @@ impl Ring {
             pending: Mutex::new(VecDeque::new()),
             busy: AtomicUsize::new(0),
             paused: AtomicBool::new(false),
-            kick: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::Io)?,
+            kick,
         });
         let mut ring = Ring {
             shared: shared.clone(),
@@ -164,11 +172,6 @@ impl Ring {
         ring.h2g_head = ring.load64(layout::H2G_HEAD);
         ring.g2h_tail = ring.load64(layout::G2H_TAIL);
         Ok((ring, RingHandle { shared, mem: mem.clone() }))
-    }
-
-    /// Its kick: written whenever host bytes or a resume wait.
-    pub fn kick_fd(&self) -> &EventFd {
-        &self.shared.kick
     }
 
     fn addr(off: u64) -> GuestAddress {

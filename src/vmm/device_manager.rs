@@ -11,11 +11,11 @@
 //! traffic, and the VMM attaches a tap later ([`DeviceManager::net_handle`]).
 
 use std::fs::File;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -127,9 +127,9 @@ pub fn virtio_mmio_devices() -> Vec<(u64, u32)> {
 /// again at every restore.
 pub struct Backends {
     /// The base image (the very file a snapshot was taken with).
-    pub rootfs: File,
+    pub rootfs: Arc<File>,
     /// The VM's writable disk and the limit its writes stay under.
-    pub disk: (File, Arc<AtomicU64>),
+    pub disk: (Arc<File>, Arc<AtomicU64>),
     /// Where the console delivers guest bytes (the channel).
     pub channel_sink: ConsoleSink,
     /// The host side of the REPL's ring (the channel).
@@ -140,8 +140,8 @@ pub struct Backends {
 
 impl Backends {
     /// The backends of a VM with `rootfs`, `disk` and `channel`.
-    pub fn new(rootfs: File, disk: &ScratchDisk, channel: &Channel, console_log: Arc<ConsoleLog>) -> Result<Backends, VmmError> {
-        let file = disk.device_file().map_err(VmmError::Io)?;
+    pub fn new(rootfs: Arc<File>, disk: &ScratchDisk, channel: &Channel, console_log: Arc<ConsoleLog>) -> Result<Backends, VmmError> {
+        let file = disk.device_file();
         Ok(Backends {
             rootfs,
             disk: (file, disk.limit_handle()),
@@ -183,21 +183,21 @@ enum Live {
     Virtio(Arc<Mutex<MmioTransport>>),
 }
 
-/// What a notifier eventfd wakes on the device thread.
-enum NotifyTarget {
-    /// The guest wrote a queue index to QueueNotify.
-    Queue(Arc<Mutex<MmioTransport>>, usize),
-    /// Host code queued output for the console.
-    ConsoleKick(Arc<Mutex<Console>>),
-    /// Host code queued bytes for the ring or resumed it (the poll after
-    /// every batch does the work).
-    RingKick,
-}
-
-/// An eventfd the device thread waits on, and what it wakes.
-pub struct Notifier {
-    fd: EventFd,
-    target: NotifyTarget,
+/// The device thread's wake-ups: two eventfds for everything, so a VM
+/// holds two open files for them rather than one per queue and kick (ten
+/// queues and three host kicks; open files bound how many sandboxes a host
+/// holds).
+struct Wakes {
+    /// Registered with KVM at every virtio device's QueueNotify register,
+    /// matching any value: the guest notified some queue, and the thread
+    /// serves them all (a queue with nothing new costs a read of its avail
+    /// index and nothing else).
+    guest: Arc<EventFd>,
+    /// Written by host code that queued console or ring bytes, resumed a
+    /// port, or stops the thread.
+    host: Arc<EventFd>,
+    /// Set before `host` is written to end the thread.
+    stopping: Arc<AtomicBool>,
 }
 
 /// A VM's devices.
@@ -210,6 +210,8 @@ pub struct DeviceManager {
     epoll: Arc<Epoll>,
     ring: Arc<Mutex<Ring>>,
     ring_handle: RingHandle,
+    console: Arc<Mutex<Console>>,
+    wakes: Wakes,
     /// Held by the device thread while it handles a batch of events, and by
     /// whoever needs devices and guest memory still (a fork's capture).
     work: Arc<Mutex<()>>,
@@ -230,27 +232,20 @@ fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmmError> {
     Ok(evt)
 }
 
-fn queue_ioevent(vm: &VmFd, base: u64, queue: usize) -> Result<EventFd, VmmError> {
-    let evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::Io)?;
-    vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), queue as u32)
-        .map_err(kvm_err("KVM_IOEVENTFD"))?;
-    Ok(evt)
+fn new_eventfd() -> Result<EventFd, VmmError> {
+    EventFd::new(EFD_NONBLOCK).map_err(VmmError::Io)
 }
 
 impl DeviceManager {
-    /// Builds every device of [`LAYOUT`] with its interrupt and queue
-    /// notifiers; from `saved` (untrusted, validated by each device) when
-    /// restoring. Returns the notifiers for [`DeviceManager::spawn_thread`].
-    pub fn build(
-        vm: &VmFd,
-        mem: &GuestMemory,
-        backends: Backends,
-        saved: Option<&DevicesState>,
-    ) -> Result<(DeviceManager, Vec<Notifier>), VmmError> {
+    /// Builds every device of [`LAYOUT`] with its interrupt, and the
+    /// device thread's wake-ups; from `saved` (untrusted, validated by each
+    /// device) when restoring.
+    pub fn build(vm: &VmFd, mem: &GuestMemory, backends: Backends, saved: Option<&DevicesState>) -> Result<DeviceManager, VmmError> {
         let Backends { rootfs, disk, channel_sink, ring_peer, console_log } = backends;
         let (mut rootfs, mut disk, mut channel_sink) = (Some(rootfs), Some(disk), Some(channel_sink));
         let mut live = Vec::with_capacity(LAYOUT.len());
-        let mut notifiers = Vec::new();
+        let wakes = Wakes { guest: Arc::new(new_eventfd()?), host: Arc::new(new_eventfd()?), stopping: Arc::new(AtomicBool::new(false)) };
+        let mut console = None;
         let mut console_handle = None;
         let mut net_handle = None;
         let epoll = Arc::new(Epoll::new().map_err(VmmError::Io)?);
@@ -278,10 +273,9 @@ impl DeviceManager {
                 }
                 DeviceKind::Console => {
                     let sink = channel_sink.take().ok_or_else(|| wrong_kind(slot))?;
-                    let (model, handle) = Console::new(&PORT_NAMES, sink)?;
-                    let kick = model.kick_fd().try_clone().map_err(VmmError::Io)?;
+                    let (model, handle) = Console::with_kick(&PORT_NAMES, sink, wakes.host.clone())?;
                     let model = Arc::new(Mutex::new(model));
-                    notifiers.push(Notifier { fd: kick, target: NotifyTarget::ConsoleKick(model.clone()) });
+                    console = Some(model.clone());
                     console_handle = Some(handle);
                     Live::Virtio(virtio(slot, Box::new(SharedDevice::new(model)), mem, irq, state)?)
                 }
@@ -291,25 +285,23 @@ impl DeviceManager {
                     Live::Virtio(virtio(slot, Box::new(SharedDevice::new(model)), mem, irq, state)?)
                 }
             };
-            if let Live::Virtio(t) = &device {
-                for q in 0..lock(t).num_queues() {
-                    let fd = queue_ioevent(vm, slot.base, q)?;
-                    notifiers.push(Notifier { fd, target: NotifyTarget::Queue(t.clone(), q) });
-                }
+            if let Live::Virtio(_) = &device {
+                // No data match: any queue index the guest writes wakes the thread.
+                vm.register_ioevent(&wakes.guest, &IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET), NoDatamatch)
+                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
             }
             live.push((slot, device));
         }
+        let console = console.ok_or_else(|| VmmError::Config("the device table has no console".into()))?;
         let console_handle =
             console_handle.ok_or_else(|| VmmError::Config("the device table has no console".into()))?;
         let net_handle = net_handle.ok_or_else(|| VmmError::Config("the device table has no network card".into()))?;
         // The ring needs no saved state of its own: everything it has is in
         // guest memory (the counters it owns are read back from there).
-        let (ring, ring_handle) = Ring::new(mem, ring_peer)?;
-        let kick = ring.kick_fd().try_clone().map_err(VmmError::Io)?;
-        notifiers.push(Notifier { fd: kick, target: NotifyTarget::RingKick });
+        let (ring, ring_handle) = Ring::with_kick(mem, ring_peer, wakes.host.clone())?;
         let ring = Arc::new(Mutex::new(ring));
         let work = Arc::new(Mutex::new(()));
-        Ok((DeviceManager { live, console_handle, net_handle, epoll, ring, ring_handle, work }, notifiers))
+        Ok(DeviceManager { live, console_handle, net_handle, epoll, ring, ring_handle, console, wakes, work })
     }
 
     /// Every device's state. Take it with the vCPUs paused.
@@ -363,26 +355,40 @@ impl DeviceManager {
         lock(&self.work)
     }
 
-    /// Starts the VM's device thread: it waits on the queue notifiers and
-    /// host kicks and runs the device code for each, until `stop` is
-    /// written. After each batch it polls the ring; while the ring is busy
-    /// it keeps polling (see [`ring_nap`]), and otherwise it sleeps until
-    /// an event. Guest-facing code runs here, so a panic is caught and fails
-    /// only this VM, and the thread installs its seccomp filter first (an
-    /// error is returned once it is known, and the thread has ended).
-    pub fn spawn_thread(&self, name: &str, stop: &EventFd, notifiers: Vec<Notifier>, status: Arc<VmStatus>) -> Result<JoinHandle<()>, VmmError> {
+    /// Ends the device thread after the batch it is in (join it then).
+    pub fn stop_thread(&self) {
+        self.wakes.stopping.store(true, Ordering::Release);
+        // Counter overflow is the only failure, and means already woken.
+        let _ = self.wakes.host.write(1);
+    }
+
+    /// Starts the VM's device thread: it waits on the guest's queue
+    /// notifications, host kicks and the tap, and runs the device code for
+    /// them, until [`DeviceManager::stop_thread`]. After each batch it polls
+    /// the ring; while the ring is busy it keeps polling (see [`ring_nap`]),
+    /// and otherwise it sleeps until an event. Guest-facing code runs here,
+    /// so a panic is caught and fails only this VM, and the thread installs
+    /// its seccomp filter first (an error is returned once it is known, and
+    /// the thread has ended).
+    pub fn spawn_thread(&self, name: &str, status: Arc<VmStatus>) -> Result<JoinHandle<()>, VmmError> {
         use std::os::unix::io::AsRawFd;
-        const STOP_TOKEN: u64 = u64::MAX;
+        const GUEST_TOKEN: u64 = 0;
+        const HOST_TOKEN: u64 = 1;
         let (epoll, work, ring, net) = (self.epoll.clone(), self.work.clone(), self.ring.clone(), self.net_handle.clone());
-        epoll
-            .ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))
-            .map_err(VmmError::Io)?;
-        for (i, n) in notifiers.iter().enumerate() {
-            epoll
-                .ctl(ControlOperation::Add, n.fd.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64))
-                .map_err(VmmError::Io)?;
+        for (fd, token) in [(self.wakes.guest.as_raw_fd(), GUEST_TOKEN), (self.wakes.host.as_raw_fd(), HOST_TOKEN)] {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)).map_err(VmmError::Io)?;
         }
-        let stop = stop.try_clone().map_err(VmmError::Io)?;
+        // Shared, not duplicated: a clone of an eventfd is one more open file.
+        let (guest, host) = (self.wakes.guest.clone(), self.wakes.host.clone());
+        let (stopping, console) = (self.wakes.stopping.clone(), self.console.clone());
+        let transports: Vec<Arc<Mutex<MmioTransport>>> = self
+            .live
+            .iter()
+            .filter_map(|(_, d)| match d {
+                Live::Virtio(t) => Some(t.clone()),
+                Live::Serial(_) => None,
+            })
+            .collect();
         let (ready, filtered) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("{name}-dev"))
@@ -416,20 +422,26 @@ impl DeviceManager {
                         };
                         let _working = lock(&work);
                         for ev in &events[..n] {
-                            if ev.data() == STOP_TOKEN {
-                                let _ = stop.read();
-                                return;
-                            }
-                            if ev.data() == TAP_TOKEN {
-                                net.tap_readable();
-                                continue;
-                            }
-                            let Some(n) = notifiers.get(ev.data() as usize) else { continue };
-                            let _ = n.fd.read();
-                            match &n.target {
-                                NotifyTarget::Queue(t, q) => lock(t).queue_notify(*q),
-                                NotifyTarget::ConsoleKick(c) => lock(c).process_host_output(),
-                                NotifyTarget::RingKick => {}
+                            match ev.data() {
+                                GUEST_TOKEN => {
+                                    let _ = guest.read();
+                                    for t in &transports {
+                                        let mut t = lock(t);
+                                        for q in 0..t.num_queues() {
+                                            t.queue_notify(q);
+                                        }
+                                    }
+                                }
+                                HOST_TOKEN => {
+                                    let _ = host.read();
+                                    if stopping.load(Ordering::Acquire) {
+                                        return;
+                                    }
+                                    // Ring bytes: the poll after the batch.
+                                    lock(&console).process_host_output();
+                                }
+                                TAP_TOKEN => net.tap_readable(),
+                                _ => {}
                             }
                         }
                         let polled = lock(&ring).poll();

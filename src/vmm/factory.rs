@@ -312,8 +312,7 @@ impl Inner {
 
     fn restore_from(&self, t: &Template) -> Result<Vm, VmmError> {
         let started = Instant::now();
-        let memory = t.memory_file.try_clone().map_err(VmmError::Io)?;
-        let rootfs = t.rootfs_file.try_clone().map_err(VmmError::Io)?;
+        let (memory, rootfs) = (t.memory_file.clone(), t.rootfs_file.clone());
         let disk = self.disk_copy(&t.disk_file)?;
         let n = self.next_vm.fetch_add(1, Ordering::Relaxed);
         let vm = persist::restore(&self.kvm, &format!("vm{n}"), Disks { rootfs, disk }, memory, &t.snap)?;
@@ -330,16 +329,20 @@ impl Inner {
     }
 }
 
-/// Open files one sandbox holds at most (KVM fds, eventfds for its
-/// devices' interrupts and notifications, disks, memory file, tap): ~30
-/// measured, with a margin.
-const FDS_PER_SANDBOX: u64 = 32;
+/// Open files one sandbox with `vcpus` vCPUs holds at most: the VM and one
+/// per vCPU; an eventfd per device interrupt (5) and two that wake its
+/// device thread; that thread's epoll; its writable disk; its network
+/// namespace and tap. 12 + `vcpus` counted (the template's image and memory
+/// file are shared), with a margin of two.
+pub fn fds_per_sandbox(vcpus: u8) -> u64 {
+    14 + u64::from(vcpus)
+}
 /// Open files kept for everything else (HTTP connections, hostd's own).
 const FDS_RESERVED: u64 = 1024;
 
-/// How many sandboxes an open-file limit of `soft` holds.
-fn sandboxes_fitting(soft: u64) -> usize {
-    usize::try_from(soft.saturating_sub(FDS_RESERVED) / FDS_PER_SANDBOX).unwrap_or(usize::MAX)
+/// How many sandboxes of `vcpus` vCPUs an open-file limit of `soft` holds.
+fn sandboxes_fitting(soft: u64, vcpus: u8) -> usize {
+    usize::try_from(soft.saturating_sub(FDS_RESERVED) / fds_per_sandbox(vcpus)).unwrap_or(usize::MAX)
 }
 
 /// `PODFLARE_MAX_SANDBOXES`, lowered (and said so) where the process's
@@ -349,7 +352,7 @@ fn sandboxes_within_fd_limit(cfg: &VmmConfig) -> usize {
     let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) else {
         return cfg.max_sandboxes;
     };
-    let fit = sandboxes_fitting(soft);
+    let fit = sandboxes_fitting(soft, cfg.guest_vcpus);
     if fit < cfg.max_sandboxes {
         cfg.log.warn(
             "the open-file limit holds fewer sandboxes than PODFLARE_MAX_SANDBOXES; admitting at most that many (raise the limit, e.g. LimitNOFILE)",
@@ -594,8 +597,7 @@ impl RunningGuest {
         let capture = started.elapsed();
         let restore_one = |spec: &GuestSpec, ticket: admission::Ticket<'_>| -> Result<RunningGuest, GuestError> {
             let n = inner.next_vm.fetch_add(1, Ordering::Relaxed);
-            let files = t.rootfs_file.try_clone().and_then(|r| Ok((r, t.memory_file.try_clone()?)));
-            let (rootfs, memory) = files.map_err(|e| failed("open template files", VmmError::Io(e)))?;
+            let (rootfs, memory) = (t.rootfs_file.clone(), t.memory_file.clone());
             let vm = persist::restore_fork_child(&inner.kvm, &format!("vm{n}"), rootfs, memory, &source)
                 .map_err(|e| failed("restore child", e))?;
             ticket.admit();
@@ -727,13 +729,13 @@ impl VmFactory {
         let record = loaded.record;
         let restored = (|| {
             let t = inner.template(&record.template, record.ram_mib).map_err(|e| VmmError::Guest(e.to_string()))?;
-            let mem = memory::private_file_mapping(t.memory_file.try_clone().map_err(VmmError::Io)?, t.snap.meta.ram_bytes)?;
+            let mem = memory::private_file_mapping(t.memory_file.clone(), t.snap.meta.ram_bytes)?;
             let image = Arc::new(memory::ForkImage::from_file(loaded.memory, record.runs.clone(), record.data_bytes));
             // SAFETY: `mem` is a fresh mapping no VM uses yet and nobody
             // references; the runs were checked to lie inside guest RAM.
             unsafe { memory::map_image(&mem, &image) }?;
             let n = inner.next_vm.fetch_add(1, Ordering::Relaxed);
-            let rootfs = t.rootfs_file.try_clone().map_err(VmmError::Io)?;
+            let rootfs = t.rootfs_file.clone();
             let disk = inner.disk_copy(&loaded.disk)?;
             let disks = Disks { rootfs, disk };
             let vm = Vm::restore_space(&inner.kvm, &format!("vm{n}"), disks, mem, &loaded.machine, record.next_stream, image)?;
@@ -896,10 +898,11 @@ mod tests {
 
     #[test]
     fn the_open_file_limit_bounds_the_sandbox_count() {
-        // A shell's 20,000: the density run that hit EMFILE held 665.
-        assert_eq!(sandboxes_fitting(20_000), 593);
-        assert_eq!(sandboxes_fitting(1 << 20), 32_736);
-        assert_eq!(sandboxes_fitting(1024), 0, "nothing left after the reserve");
-        assert_eq!(sandboxes_fitting(0), 0);
+        // A shell's 20,000 holds the 1,000 the density target asks for.
+        assert_eq!(sandboxes_fitting(20_000, 1), 1265);
+        assert_eq!(sandboxes_fitting(20_000, 2), 1186);
+        assert_eq!(sandboxes_fitting(1 << 20, 1), 69_836);
+        assert_eq!(sandboxes_fitting(1024, 1), 0, "nothing left after the reserve");
+        assert_eq!(sandboxes_fitting(0, 1), 0);
     }
 }

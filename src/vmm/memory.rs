@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -71,10 +72,13 @@ pub fn anonymous(bytes: u64) -> Result<GuestMemory, MemoryError> {
 /// RAM restored from a snapshot memory file, mapped `MAP_PRIVATE`: every
 /// sandbox restored from the same file shares its pages until it writes one,
 /// and nothing is copied at restore time.
-pub fn private_file_mapping(file: File, bytes: u64) -> Result<GuestMemory, MemoryError> {
+/// `file` is shared, not duplicated: the mapping keeps the caller's open
+/// file rather than one of its own (open files bound how many VMs a host
+/// holds).
+pub fn private_file_mapping(file: impl Into<Arc<File>>, bytes: u64) -> Result<GuestMemory, MemoryError> {
     let size = check_size(bytes)?;
     let region = MmapRegionBuilder::new_with_bitmap(size, ())
-        .with_file_offset(FileOffset::new(file, 0))
+        .with_file_offset(FileOffset::from_arc(file.into(), 0))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
         .build()

@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use kvm_ioctls::Kvm;
 
@@ -60,7 +61,7 @@ pub fn restore_vm_from(kvm: &Kvm, name: &str, rootfs: &Path, dir: &Path, expect:
     let path = dir.join("memory");
     let file = File::open(&path).map_err(|e| VmmError::File { path: path.display().to_string(), source: e })?;
     let disk = disk_copy(&dir.join("disk"), dir.parent().unwrap_or(dir))?;
-    restore(kvm, name, Disks { rootfs: vm::open_rootfs(rootfs)?, disk }, file, &snap)
+    restore(kvm, name, Disks { rootfs: Arc::new(vm::open_rootfs(rootfs)?), disk }, Arc::new(file), &snap)
 }
 
 /// A VM's own copy of the disk file at `path`, as an unnamed file in `dir`.
@@ -78,7 +79,7 @@ pub fn disk_copy(path: &Path, dir: &Path) -> Result<ScratchDisk, VmmError> {
 /// mapped `MAP_PRIVATE`: pages stay shared until the guest writes them) and
 /// `disks` (the very base image the snapshot was taken with, a copy of its
 /// writable disk), and resumes it. Every create comes through here.
-pub fn restore(kvm: &Kvm, name: &str, disks: Disks, memory: File, snap: &SnapshotFile) -> Result<Vm, VmmError> {
+pub fn restore(kvm: &Kvm, name: &str, disks: Disks, memory: Arc<File>, snap: &SnapshotFile) -> Result<Vm, VmmError> {
     let mem = memory::private_file_mapping(memory, snap.meta.ram_bytes)?;
     let vm = Vm::restore(kvm, name, disks, mem, &snap.machine)?;
     vm.resume()?;
@@ -94,8 +95,8 @@ pub fn restore(kvm: &Kvm, name: &str, disks: Disks, memory: File, snap: &Snapsho
 pub fn restore_fork_child(
     kvm: &Kvm,
     name: &str,
-    rootfs: File,
-    template_memory: File,
+    rootfs: Arc<File>,
+    template_memory: Arc<File>,
     source: &vm::ForkSource,
 ) -> Result<Vm, VmmError> {
     let disk = source.disk.copy().map_err(|e| VmmError::Guest(format!("copying the fork's disk: {e}")))?;

@@ -106,7 +106,8 @@ pub fn pristine_image(cache_dir: &Path, make: bool) -> io::Result<PathBuf> {
 /// One VM's writable disk: an unnamed file (gone with its last descriptor)
 /// and the write limit its device enforces.
 pub struct ScratchDisk {
-    file: File,
+    /// Shared with the VM's block device, which writes through it.
+    file: Arc<File>,
     dir: PathBuf,
     limit: Arc<AtomicU64>,
 }
@@ -124,7 +125,7 @@ impl ScratchDisk {
         let file = unnamed_file(dir)?;
         copy_sparse(base, &file)?;
         file.set_len(CAPACITY_BYTES)?;
-        Ok(ScratchDisk { file, dir: dir.to_path_buf(), limit: Arc::new(AtomicU64::new(limit.min(CAPACITY_BYTES))) })
+        Ok(ScratchDisk { file: Arc::new(file), dir: dir.to_path_buf(), limit: Arc::new(AtomicU64::new(limit.min(CAPACITY_BYTES))) })
     }
 
     /// An empty disk (no file system: the guest falls back to a RAM upper
@@ -133,7 +134,7 @@ impl ScratchDisk {
     pub fn empty(dir: &Path) -> io::Result<ScratchDisk> {
         let file = unnamed_file(dir)?;
         file.set_len(CAPACITY_BYTES)?;
-        Ok(ScratchDisk { file, dir: dir.to_path_buf(), limit: Arc::new(AtomicU64::new(CAPACITY_BYTES)) })
+        Ok(ScratchDisk { file: Arc::new(file), dir: dir.to_path_buf(), limit: Arc::new(AtomicU64::new(CAPACITY_BYTES)) })
     }
 
     /// A copy of this disk as it is now, in the same directory with the
@@ -152,9 +153,10 @@ impl ScratchDisk {
         checksum(dest)
     }
 
-    /// A second descriptor of the file, for the device.
-    pub fn device_file(&self) -> io::Result<File> {
-        self.file.try_clone()
+    /// The file, for the device: shared, not a second descriptor (open
+    /// files bound how many VMs a host holds).
+    pub fn device_file(&self) -> Arc<File> {
+        Arc::clone(&self.file)
     }
 
     /// The shared write limit the device reads on every write.
@@ -298,7 +300,7 @@ mod tests {
         base.write_all_at(b"superblock", 1024).unwrap();
         base.write_all_at(&[7u8; 8192], 40 << 20).unwrap();
         let a = ScratchDisk::copy_of(&base, &d, 2 << 30).unwrap();
-        assert_eq!(a.device_file().unwrap().metadata().unwrap().len(), CAPACITY_BYTES);
+        assert_eq!(a.device_file().metadata().unwrap().len(), CAPACITY_BYTES);
         // Only the data was copied (a few blocks, not 64 MiB or 1 TiB).
         assert!(a.allocated_bytes() < 1 << 20, "{} bytes allocated", a.allocated_bytes());
         let mut got = [0u8; 10];

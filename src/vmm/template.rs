@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
@@ -60,10 +61,10 @@ pub struct Template {
     /// The image the snapshot was taken with, held open: a rebuild of the
     /// image (a new file behind the same `current` link) must not change
     /// what running and future sandboxes of this snapshot read.
-    pub rootfs_file: File,
+    pub rootfs_file: Arc<File>,
     /// The snapshot's memory file, held open for the same reason: restores
     /// keep working if a newer snapshot replaces this one on disk.
-    pub memory_file: File,
+    pub memory_file: Arc<File>,
     /// The snapshot's writable disk (each sandbox gets a copy), held open
     /// likewise.
     pub disk_file: File,
@@ -163,7 +164,7 @@ fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name
         path: link.display().to_string(),
         source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("base image of template {name:?} not found; run scripts/setup")),
     })?;
-    let rootfs_file = vm::open_rootfs(&rootfs)?;
+    let rootfs_file = Arc::new(vm::open_rootfs(&rootfs)?);
     let kernel_id = file_identity(&cfg.kernel)?;
     let rootfs_id = file_identity(&rootfs)?;
     let pristine = scratch::pristine_image(&cfg.cache_dir, false).map_err(|e| VmmError::File {
@@ -200,7 +201,7 @@ fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name
                     "template snapshot found",
                     &[("template", json!(name)), ("ram_mib", json!(cfg.guest_ram_mib)), ("dir", json!(dir.display().to_string()))],
                 );
-                let (memory_file, disk_file) = (open_file(&memory_path)?, open_file(&disk_path)?);
+                let (memory_file, disk_file) = (Arc::new(open_file(&memory_path)?), open_file(&disk_path)?);
                 let resident = lock_memory(cfg, name, &memory_file);
                 return Ok(Some(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, disk_file, snap, resident }));
             }
@@ -218,7 +219,7 @@ fn prepare_in(kvm: &Kvm, cfg: &VmmConfig, backend: Backend, name: &str, dir_name
         return Ok(None);
     }
     let snap = build_snapshot(kvm, cfg, backend, name, (&rootfs, &pristine), &dir, expect)?;
-    let (memory_file, disk_file) = (open_file(&memory_path)?, open_file(&disk_path)?);
+    let (memory_file, disk_file) = (Arc::new(open_file(&memory_path)?), open_file(&disk_path)?);
     remove_stale_snapshots(&cfg.log, &dir);
     let resident = lock_memory(cfg, name, &memory_file);
     Ok(Some(Template { name: name.into(), ram_mib: cfg.guest_ram_mib, rootfs, rootfs_file, memory_file, disk_file, snap, resident }))

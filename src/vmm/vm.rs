@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::boot;
 use super::channel::{Channel, ChannelSeed};
-use super::device_manager::{self, Backends, BusKind, DeviceManager, DevicesState, Notifier};
+use super::device_manager::{self, Backends, BusKind, DeviceManager, DevicesState};
 use super::memory;
 use super::scratch::{self, ScratchDisk};
 use super::state::{msrs_to_save, VcpuState, VmState};
@@ -76,7 +75,7 @@ pub struct VmSpec {
 pub struct Disks {
     /// The base image (the very file a snapshot was taken with: its cached
     /// blocks live in guest memory).
-    pub rootfs: File,
+    pub rootfs: Arc<File>,
     /// The VM's own writable disk, as it was when its memory was saved.
     pub disk: ScratchDisk,
 }
@@ -141,7 +140,6 @@ pub struct Vm {
     name: String,
     vcpus: Vec<VcpuHandle>,
     device_thread: Option<JoinHandle<()>>,
-    stop: EventFd,
     devices: DeviceManager,
     channel: Channel,
     status: Arc<VmStatus>,
@@ -221,7 +219,7 @@ impl Vm {
         spec: &VmSpec,
         load: impl FnOnce(&GuestMemory) -> Result<vm_memory::GuestAddress, boot::BootError>,
     ) -> Result<Vm, VmmError> {
-        let rootfs = open_rootfs(&spec.rootfs)?;
+        let rootfs = Arc::new(open_rootfs(&spec.rootfs)?);
         let disk = match &spec.disk {
             Some(base) => {
                 let dir = base.parent().unwrap_or(Path::new("/"));
@@ -240,7 +238,7 @@ impl Vm {
         let channel = Channel::new();
         let log = ConsoleLog::new(CONSOLE_LOG_BYTES);
         let backends = Backends::new(rootfs, &disk, &channel, log.clone())?;
-        let (devices, notifiers) = DeviceManager::build(&vm_fd, &mem, backends, None)?;
+        let devices = DeviceManager::build(&vm_fd, &mem, backends, None)?;
         let supported = boot::supported_msrs(kvm)?;
         let mut fds = Vec::new();
         for i in 0..spec.vcpus {
@@ -254,7 +252,7 @@ impl Vm {
             boot::setup_lapic(&fd)?;
             fds.push(fd);
         }
-        let vm = Vm::start_paused(name, vm_fd, mem, (devices, notifiers), channel, log, disk, fds, msrs_to_save(&supported))?;
+        let vm = Vm::start_paused(name, vm_fd, mem, devices, channel, log, disk, fds, msrs_to_save(&supported))?;
         vm.resume()?;
         Ok(vm)
     }
@@ -323,7 +321,7 @@ impl Vm {
         let log = ConsoleLog::new(CONSOLE_LOG_BYTES);
         let Disks { rootfs, disk } = disks;
         let backends = Backends::new(rootfs, &disk, &channel, log.clone())?;
-        let (devices, notifiers) = DeviceManager::build(&vm_fd, &mem, backends, Some(&state.devices))?;
+        let devices = DeviceManager::build(&vm_fd, &mem, backends, Some(&state.devices))?;
         let supported = boot::supported_msrs(kvm)?;
         let mut fds = Vec::new();
         for (i, vs) in state.vcpus.iter().enumerate() {
@@ -331,7 +329,7 @@ impl Vm {
             vs.restore(&fd, age_ns)?;
             fds.push(fd);
         }
-        Vm::start_paused(name, vm_fd, mem, (devices, notifiers), channel, log, disk, fds, msrs_to_save(&supported))
+        Vm::start_paused(name, vm_fd, mem, devices, channel, log, disk, fds, msrs_to_save(&supported))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -339,7 +337,7 @@ impl Vm {
         name: &str,
         vm_fd: VmFd,
         mem: GuestMemory,
-        (devices, notifiers): (DeviceManager, Vec<Notifier>),
+        devices: DeviceManager,
         channel: Channel,
         log: Arc<ConsoleLog>,
         disk: ScratchDisk,
@@ -348,8 +346,7 @@ impl Vm {
     ) -> Result<Vm, VmmError> {
         super::vcpu::install_kick_handler().map_err(VmmError::Config)?;
         let status = Arc::new(VmStatus::new(name, channel.clone()));
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(VmmError::Io)?;
-        let device_thread = devices.spawn_thread(name, &stop, notifiers, status.clone())?;
+        let device_thread = devices.spawn_thread(name, status.clone())?;
         channel.attach(devices.console_handle().clone());
         channel.attach_ring(devices.ring_handle().clone());
         let ctx = Arc::new(VcpuContext {
@@ -372,7 +369,6 @@ impl Vm {
             name: name.to_string(),
             vcpus,
             device_thread: Some(device_thread),
-            stop,
             devices,
             channel,
             status,
@@ -632,7 +628,7 @@ impl Drop for Vm {
             v.stop(Duration::from_secs(2));
         }
         self.vcpus.clear();
-        let _ = self.stop.write(1);
+        self.devices.stop_thread();
         if let Some(t) = self.device_thread.take() {
             let _ = t.join();
         }

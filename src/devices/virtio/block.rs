@@ -129,7 +129,9 @@ fn is_zero(n: &u64) -> bool {
 /// resumed sandbox or a fork child keeps the limit it was saved with unless
 /// told otherwise.
 pub struct Block {
-    file: File,
+    /// Shared: a template's base image serves all its sandboxes' devices,
+    /// and a writable disk's owner keeps the same open file.
+    file: Arc<File>,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     /// Capacity in sectors; a partial last sector is not exposed.
     capacity: u64,
@@ -153,9 +155,11 @@ pub struct Block {
 impl Block {
     /// A device serving `file` read-only; `id` (at most 20 bytes are kept) is
     /// what GET_ID returns (`/sys/block/vda/serial` in the guest).
-    pub fn new(mut file: File, id: &str) -> Result<Self, DeviceError> {
-        // Seek to the end rather than metadata: that also sizes block devices.
-        let len = file.seek(SeekFrom::End(0)).map_err(DeviceError::Io)?;
+    pub fn new(file: impl Into<Arc<File>>, id: &str) -> Result<Self, DeviceError> {
+        let file = file.into();
+        // Seek to the end rather than metadata: that also sizes block
+        // devices. The shared offset moves, but every read is positioned.
+        let len = (&*file).seek(SeekFrom::End(0)).map_err(DeviceError::Io)?;
         let capacity = len / SECTOR_SIZE;
         // virtio_blk_config: capacity (le64), size_max (le32), seg_max (le32).
         let mut config = [0u8; CONFIG_LEN_RW];
@@ -184,7 +188,8 @@ impl Block {
     ///
     /// Returns a `Result` like [`Block::new`], so callers handle both alike;
     /// it has no failure of its own today.
-    pub fn writable(file: File, id: &str, capacity_bytes: u64) -> Result<Self, DeviceError> {
+    pub fn writable(file: impl Into<Arc<File>>, id: &str, capacity_bytes: u64) -> Result<Self, DeviceError> {
+        let file = file.into();
         let capacity = capacity_bytes / SECTOR_SIZE;
         let mut config = [0u8; CONFIG_LEN_RW];
         let mut put = |at: usize, bytes: &[u8]| config[at..at + bytes.len()].copy_from_slice(bytes);

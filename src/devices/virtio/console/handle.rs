@@ -33,7 +33,8 @@ pub(super) struct Shared {
     pub(super) state: Mutex<SharedState>,
     /// Signalled whenever pending bytes shrink or the console closes.
     pub(super) drained: Condvar,
-    pub(super) kick: EventFd,
+    /// Possibly shared with the VM's other host-side kicks.
+    pub(super) kick: Arc<EventFd>,
     pub(super) limit: usize,
     /// How long `send` waits with the port full and nothing drained.
     pub(super) stall: Duration,

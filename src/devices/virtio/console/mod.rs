@@ -145,6 +145,24 @@ impl Console {
         limit: usize,
         stall: Duration,
     ) -> Result<(Self, ConsoleHandle), DeviceError> {
+        let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::Io)?);
+        Self::build(port_names, sink, limit, stall, kick)
+    }
+
+    /// As [`Console::new`], kicking the device thread through `kick`, an
+    /// eventfd the VM's other host-side work may share: the thread then
+    /// runs [`Console::process_host_output`] on every wake of it.
+    pub fn with_kick(port_names: &[&str], sink: ConsoleSink, kick: Arc<EventFd>) -> Result<(Self, ConsoleHandle), DeviceError> {
+        Self::build(port_names, sink, DEFAULT_PENDING_LIMIT, DEFAULT_SEND_STALL, kick)
+    }
+
+    fn build(
+        port_names: &[&str],
+        sink: ConsoleSink,
+        limit: usize,
+        stall: Duration,
+        kick: Arc<EventFd>,
+    ) -> Result<(Self, ConsoleHandle), DeviceError> {
         let n = port_names.len();
         if n == 0 || n > MAX_PORTS || limit == 0 {
             return Err(DeviceError::BadState(format!("console with {n} ports, limit {limit}")));
@@ -152,7 +170,6 @@ impl Console {
         if let Some(bad) = port_names.iter().find(|s| !valid_name(s)) {
             return Err(DeviceError::BadState(format!("bad console port name {bad:?}")));
         }
-        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::Io)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(SharedState {
                 closed: false,
@@ -189,17 +206,15 @@ impl Console {
         Ok((console, handle))
     }
 
-    /// Readable when host bytes were queued; the device thread then calls
-    /// [`Console::process_host_output`].
+    /// Readable when host bytes were queued; the device thread then
+    /// consumes it and calls [`Console::process_host_output`].
     pub fn kick_fd(&self) -> &EventFd {
         &self.shared.kick
     }
 
-    /// Consumes the kick, moves pending host bytes into guest buffers, and
-    /// takes the tx queues of ports the host asked to resume.
+    /// Moves pending host bytes into guest buffers, and takes the tx queues
+    /// of ports the host asked to resume. The caller consumed the kick.
     pub fn process_host_output(&mut self) {
-        // EAGAIN just means no kick was pending.
-        let _ = self.shared.kick.read();
         let mut used = false;
         for p in 0..self.names.len() {
             used |= self.fill_port(p);
