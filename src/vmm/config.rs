@@ -49,13 +49,15 @@ pub struct VmmConfig {
     /// sleeps. Back-to-back execs inside it cost the guest no system call;
     /// the guest's vCPU spins meanwhile. 0: sleep at once.
     pub guest_poll: Duration,
-    /// `PODFLARE_VCPU_SLICE_MS` (default 0: the kernel's own; at most 100):
-    /// the scheduling slice vCPU threads ask for
-    /// ([`super::threads::apply_vcpu_slice`] says why). 20 made bursts of
-    /// creates ~30% faster here, and each HTTP exec ~0.35 ms slower (a
-    /// REPL's vCPU polling its ring keeps its CPU longer), so it is off
-    /// unless asked for.
-    pub vcpu_slice: Duration,
+    /// `PODFLARE_VCPU_SLICE_MS` (0 to 100; 0: the kernel's own): the
+    /// scheduling slice vCPU threads ask for
+    /// ([`super::threads::apply_vcpu_slice`] says why). Unset: 20 ms on PVM,
+    /// where a tick is ~2 ms of emulated work and the kernel's ~1.4 ms
+    /// slices left ~140 guests of a create burst runnable and making no
+    /// progress; the kernel's own on hardware KVM, where a tick is cheap.
+    /// Each HTTP exec on PVM costs ~0.35 ms more with it (a REPL's vCPU
+    /// polling its ring keeps its CPU longer).
+    pub vcpu_slice: Option<Duration>,
     /// Sandbox networking: `PODFLARE_NETWORK` (`on`, the default, or
     /// `off`: no sandbox has a path out, whatever it asks), with
     /// `PODFLARE_NET_SUBNET` (default `10.201.0.0/16`: a /30 per sandbox
@@ -149,9 +151,12 @@ impl VmmConfig {
                 ms @ 0..=1000 => Duration::from_millis(ms),
                 ms => return Err(format!("PODFLARE_GUEST_POLL_MS={ms}: from 0 to 1000")),
             },
-            vcpu_slice: match env_or("PODFLARE_VCPU_SLICE_MS", 0u64)? {
-                ms @ 0..=100 => Duration::from_millis(ms),
-                ms => return Err(format!("PODFLARE_VCPU_SLICE_MS={ms}: from 0 to 100")),
+            vcpu_slice: match env_or("PODFLARE_VCPU_SLICE_MS", String::new())?.as_str() {
+                "" => None,
+                v => match v.parse::<u64>() {
+                    Ok(ms @ 0..=100) => Some(Duration::from_millis(ms)),
+                    _ => return Err(format!("PODFLARE_VCPU_SLICE_MS={v}: from 0 to 100")),
+                },
             },
             network: network_from_env()?,
         })

@@ -152,13 +152,18 @@ impl VmFactory {
         let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
         raise_map_count(&cfg.log);
         super::channel::set_default_poll_window(cfg.guest_poll);
-        super::threads::set_vcpu_slice(cfg.vcpu_slice);
         let backend = Backend::detect();
+        let slice = *cfg.vcpu_slice.get_or_insert(match backend {
+            Backend::Pvm => PVM_VCPU_SLICE,
+            Backend::Hardware => Duration::ZERO,
+        });
+        super::threads::set_vcpu_slice(slice);
         let what = match backend {
             Backend::Pvm => "kvm_pvm loaded: guest kernel is emulated, PVM guest settings applied",
             Backend::Hardware => "hardware virtualization",
         };
-        cfg.log.info("KVM backend", &[("backend", json!(backend.name())), ("detail", json!(what))]);
+        let slice_ms = json!(slice.as_millis());
+        cfg.log.info("KVM backend", &[("backend", json!(backend.name())), ("detail", json!(what)), ("vcpu_slice_ms", slice_ms)]);
         if !cfg.kernel.is_file() {
             return Err(VmmError::File {
                 path: cfg.kernel.display().to_string(),
@@ -328,6 +333,10 @@ impl Inner {
             .map_err(|e| VmmError::File { path: self.disks_dir.display().to_string(), source: e })
     }
 }
+
+/// The vCPU slice on PVM unless `PODFLARE_VCPU_SLICE_MS` says otherwise
+/// (see [`VmmConfig::vcpu_slice`]).
+const PVM_VCPU_SLICE: Duration = Duration::from_millis(20);
 
 /// Open files one sandbox with `vcpus` vCPUs holds at most: the VM and one
 /// per vCPU; an eventfd per device interrupt (5) and two that wake its
